@@ -1,0 +1,1 @@
+"""Data: sources -> uint8 cache -> device batches -> augmented float batches."""

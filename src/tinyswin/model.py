@@ -1,0 +1,1 @@
+"""Swin Transformer, from scratch (placeholder until the model lands)."""
