@@ -52,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read Tiny ImageNet (zip or folder) or an image-folder root once, check it, and write a "
         "uint8 cache that training reads at memory speed.",
     )
-    p.add_argument("source", help="tiny-imagenet-200.zip, an extracted tiny-imagenet-200/ folder, or root/<class>/*")
-    p.add_argument("--out", required=True, help="cache directory to create (left untouched if it already matches)")
+    p.add_argument(
+        "source", help="tiny-imagenet-200.zip, an extracted tiny-imagenet-200/ folder, or root/<class>/*"
+    )
+    p.add_argument(
+        "--out", required=True, help="cache directory to create (left untouched if it already matches)"
+    )
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
     p.add_argument(
         "--holdout",
