@@ -1,1 +1,128 @@
-"""Weights in and out (placeholder)."""
+"""Weights in: timm `SwinTransformer` models and state dicts (and official Swin checkpoints) -> tinyswin.
+
+Relative position tables are resized (bicubic) when the source window differs from tinyswin's, so that
+ImageNet-pretrained weights can be fine-tuned at another resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyswin.model import SwinConfig, SwinTransformer
+
+# Buffers that older timm versions and official checkpoints store; tinyswin derives them.
+_DERIVED = re.compile(r"(relative_position_index|attn_mask|relative_coords_table)$")
+
+
+def resize_relative_position_table(
+    table: torch.Tensor, source_window: tuple[int, int], target_window: tuple[int, int]
+) -> torch.Tensor:
+    """Resize a relative position bias table to another window, bicubic over the (dy, dx) grid.
+
+    Args:
+        table: ((2*sh - 1) * (2*sw - 1), heads).
+        source_window: (sh, sw) the table was made for.
+        target_window: (th, tw) wanted.
+
+    Returns:
+        ((2*th - 1) * (2*tw - 1), heads).
+    """
+    if tuple(source_window) == tuple(target_window):
+        return table
+    heads = table.shape[1]
+    src = (2 * source_window[0] - 1, 2 * source_window[1] - 1)
+    dst = (2 * target_window[0] - 1, 2 * target_window[1] - 1)
+    grid = table.T.reshape(1, heads, *src).float()  # (1, heads, 2sh-1, 2sw-1)
+    grid = F.interpolate(grid, size=dst, mode="bicubic", align_corners=False)  # (1, heads, 2th-1, 2tw-1)
+    return grid.reshape(heads, -1).T.contiguous().to(table.dtype)  # (rows, heads)
+
+
+def _source_window(rows: int, target_window: tuple[int, int]) -> tuple[int, int]:
+    """The window of a table with `rows` rows: square, or the target's window when the rows say so."""
+    if rows == (2 * target_window[0] - 1) * (2 * target_window[1] - 1):
+        return target_window
+    side = math.isqrt(rows)
+    if side * side != rows or side % 2 == 0:
+        raise ValueError(f"cannot tell the window of a relative position table with {rows} rows")
+    return ((side + 1) // 2, (side + 1) // 2)
+
+
+def _is_official_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """Official Swin checkpoints keep the patch merge at the end of a stage and the head as `head`."""
+    return "head.weight" in state or ("layers.0.downsample.reduction.weight" in state)
+
+
+def _rename(key: str, official: bool) -> str:
+    """A timm (or official Swin) parameter name -> the tinyswin name."""
+    if official:
+        match = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
+        if match:  # official: merge at the end of stage i == tinyswin: at the start of stage i + 1
+            return f"stages.{int(match.group(1)) + 1}.downsample.{match.group(2)}"
+    key = re.sub(r"^layers\.", "stages.", key)
+    return re.sub(r"^head\.fc\.", "head.", key)
+
+
+def from_timm(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], config: SwinConfig
+) -> SwinTransformer:
+    """A tinyswin model holding the weights of a timm SwinTransformer.
+
+    Args:
+        model_or_state_dict: A `timm.models.swin_transformer.SwinTransformer`, its state dict, or an official
+            Swin checkpoint's "model" dict.
+        config: The tinyswin architecture; widths, depths and heads must match the source.
+
+    Returns:
+        A SwinTransformer (on the CPU, float32) with the source's weights; relative position tables are
+        resized where the windows differ.
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        state = model_or_state_dict.state_dict()
+    elif isinstance(model_or_state_dict, Mapping):
+        state = dict(model_or_state_dict)
+    else:
+        raise ValueError(f"from_timm: expected a timm model or a state dict, got {type(model_or_state_dict)}")
+    official = _is_official_layout(state)
+    model = SwinTransformer(config)
+    target = model.state_dict()
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if _DERIVED.search(key):
+            continue
+        renamed[_rename(key, official)] = value
+    missing = sorted(set(target) - set(renamed))
+    unexpected = sorted(set(renamed) - set(target))
+    if missing or unexpected:
+        raise ValueError(
+            f"from_timm: weights do not match the config: missing keys {missing or 'none'}; "
+            f"unexpected keys {unexpected or 'none'}"
+        )
+    windows = {
+        f"{name}.relative_position_bias_table": module.table_window
+        for name, module in model.named_modules()
+        if hasattr(module, "table_window")
+    }
+    loaded = {}
+    for key, value in renamed.items():
+        if key in windows and value.shape != target[key].shape and value.ndim == 2:
+            if value.shape[1] != target[key].shape[1]:
+                raise ValueError(
+                    f"from_timm: {key} has {value.shape[1]} heads, the config {target[key].shape[1]}"
+                )
+            value = resize_relative_position_table(
+                value, _source_window(value.shape[0], windows[key]), windows[key]
+            )
+        if value.shape != target[key].shape:
+            raise ValueError(
+                f"from_timm: {key} has shape {tuple(value.shape)}, "
+                f"the config needs {tuple(target[key].shape)}"
+            )
+        loaded[key] = value.detach().to(dtype=target[key].dtype, device="cpu")
+    model.load_state_dict(loaded)
+    return model

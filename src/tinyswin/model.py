@@ -1,1 +1,777 @@
-"""Swin Transformer, from scratch (placeholder until the model lands)."""
+"""Swin Transformer, from scratch: window ops, relative position bias, window attention, block, patch
+merging, stage, model; the `SwinConfig` dataclass and named presets.
+
+Tensors inside the model are channels-last, (B, H, W, C). Geometry that depends on the input size (window
+and shift actually used, padding, relative position index, shifted-window mask) is derived by pure helper
+functions and cached per input size, so the state dict holds only learned weights and any input size that
+the patch size and the patch merges allow works.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IntPair = tuple[int, int]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config and presets
+# ----------------------------------------------------------------------------------------------------
+
+
+def _pair(value: int | Sequence[int]) -> IntPair:
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """Architecture of a Swin Transformer (defaults: official Swin-T at 224px).
+
+    Attributes:
+        img_size: Training image size, an int or (H, W). Other sizes are accepted where the geometry allows.
+        patch_size: Side of the square patches cut by the patch embedding.
+        in_chans: Input channels.
+        num_classes: Classes of the linear head (0: no head, the model returns pooled features).
+        embed_dim: Width of the first stage; each patch merge doubles it.
+        depths: Blocks per stage.
+        num_heads: Attention heads per stage.
+        window_size: Attention window side, one int for all stages or one per stage.
+        mlp_ratio: Hidden width of the MLP relative to the block width.
+        qkv_bias: Learned bias on the query, key and value projections.
+        drop_path_rate: Stochastic depth rate of the last block; it rises linearly from 0 over the blocks.
+        patch_norm: LayerNorm after the patch embedding (official Swin has it).
+        shift_full_window: Shift every second block even where the window covers the whole feature map (by
+            window // 2, with the usual mask). Official Swin drops the shift there.
+        rpb_init_std: Std of the truncated normal that initialises the relative position tables (0: zeros).
+    """
+
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int | tuple[int, ...] = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.2
+    patch_norm: bool = True
+    shift_full_window: bool = False
+    rpb_init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        # Lists (from YAML or JSON) become tuples so that the config stays hashable and comparable.
+        for name in ("img_size", "depths", "num_heads", "window_size"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, message: str) -> None:
+            raise ValueError(f"SwinConfig.{name}={getattr(self, name)!r}: {message}")
+
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        img = self.img_size
+        if not (is_int(img) or (isinstance(img, tuple) and len(img) == 2 and all(map(is_int, img)))):
+            fail("img_size", "must be an int or a pair (H, W) of ints")
+        if min(_pair(img)) < 1:
+            fail("img_size", "must be positive")
+        for name in ("patch_size", "in_chans", "embed_dim"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "must be a positive int")
+        if not is_int(self.num_classes) or self.num_classes < 0:
+            fail("num_classes", "must be an int >= 0")
+        if not isinstance(self.depths, tuple) or not self.depths:
+            fail("depths", "must be a non-empty list of ints, one per stage")
+        if not all(is_int(d) and d >= 1 for d in self.depths):
+            fail("depths", "every stage needs at least one block")
+        stages = len(self.depths)
+        if not isinstance(self.num_heads, tuple) or len(self.num_heads) != stages:
+            fail("num_heads", f"needs one entry per stage ({stages}, as depths)")
+        for i, heads in enumerate(self.num_heads):
+            width = self.embed_dim * 2**i
+            if not is_int(heads) or heads < 1 or width % heads:
+                fail("num_heads", f"stage {i} has width {width}, which {heads!r} heads do not divide")
+        windows = self.window_size
+        if isinstance(windows, tuple):
+            if len(windows) != stages:
+                fail("window_size", f"needs one int for all stages or one per stage ({stages})")
+        elif not is_int(windows):
+            fail("window_size", "must be an int or a list of ints, one per stage")
+        if not all(is_int(w) and w >= 1 for w in self.stage_windows):
+            fail("window_size", "windows must be positive ints")
+        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
+            fail("mlp_ratio", "must be a positive number")
+        if not (isinstance(self.drop_path_rate, (int, float)) and 0.0 <= self.drop_path_rate < 1.0):
+            fail("drop_path_rate", "must be in [0, 1)")
+        if not (isinstance(self.rpb_init_std, (int, float)) and self.rpb_init_std >= 0.0):
+            fail("rpb_init_std", "must be >= 0")
+        for name in ("qkv_bias", "patch_norm", "shift_full_window"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
+        height, width = _pair(img)
+        if height % self.patch_size or width % self.patch_size:
+            fail("img_size", f"is not divisible by patch_size {self.patch_size}")
+        problem = size_problem((height, width), self.patch_size, stages)
+        if problem:
+            fail("img_size", problem)
+
+    @property
+    def stage_windows(self) -> tuple[int, ...]:
+        """The window side requested for each stage."""
+        if isinstance(self.window_size, tuple):
+            return self.window_size
+        return (self.window_size,) * len(self.depths)
+
+    @property
+    def stride(self) -> int:
+        """Pixels per token of the last stage: input sides must be multiples of this."""
+        return self.patch_size * 2 ** (len(self.depths) - 1)
+
+
+def size_problem(size: IntPair, patch_size: int, num_stages: int) -> str | None:
+    """Why an input of `size` pixels cannot go through the model, with the nearest sizes that can, or None.
+
+    Args:
+        size: (H, W) of the input in pixels.
+        patch_size: Patch side of the patch embedding.
+        num_stages: Stages; each after the first halves the token grid.
+
+    Returns:
+        None when the size works, else a one-line message.
+    """
+    stride = patch_size * 2 ** (num_stages - 1)
+    bad = [
+        (name, side)
+        for name, side in zip(("height", "width"), size, strict=True)
+        if side % stride or side < stride
+    ]
+    if not bad:
+        return None
+    parts = []
+    for name, side in bad:
+        below, above = (side // stride) * stride, (side // stride + 1) * stride
+        options = f"{below} or {above}" if below > 0 else f"{above}"
+        parts.append(f"{name} {side} is not a multiple of {stride} (nearest sizes that work: {options})")
+    return (
+        f"input {size[0]}x{size[1]} does not fit: sides must be multiples of {stride} "
+        f"(patch {patch_size} x 2^{num_stages - 1} patch merges); " + "; ".join(parts)
+    )
+
+
+_PRESETS: dict[str, SwinConfig] = {
+    # Official Swin-T at 224px.
+    "swin_t": SwinConfig(),
+    # The notebook's model, quirks included.
+    "seed": SwinConfig(
+        img_size=64,
+        patch_size=4,
+        num_classes=200,
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(2, 4, 8, 16),
+        window_size=(8, 8, 4, 2),
+        drop_path_rate=0.2,
+        patch_norm=False,
+        shift_full_window=True,
+        rpb_init_std=0.0,
+    ),
+    # The seed geometry under the official rules: patch norm, shift only where the window is smaller than
+    # the map, tables initialised with std 0.02.
+    "tiny64": SwinConfig(
+        img_size=64,
+        patch_size=4,
+        num_classes=200,
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(2, 4, 8, 16),
+        window_size=(8, 8, 4, 2),
+        drop_path_rate=0.2,
+    ),
+    # The small Swin of Lee et al. 2021 for 64px inputs: patch 2, three stages 2-6-4, window 4.
+    "small64": SwinConfig(
+        img_size=64,
+        patch_size=2,
+        num_classes=200,
+        embed_dim=96,
+        depths=(2, 6, 4),
+        num_heads=(3, 6, 12),
+        window_size=4,
+        drop_path_rate=0.1,
+    ),
+    # Small enough to train on a 2-core CPU in about a minute on a few thousand 64px images.
+    "nano": SwinConfig(
+        img_size=64,
+        patch_size=4,
+        num_classes=10,
+        embed_dim=48,
+        depths=(2, 2, 2),
+        num_heads=(2, 4, 8),
+        window_size=4,
+        drop_path_rate=0.05,
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    """Names of the model presets."""
+    return list(_PRESETS)
+
+
+def preset_config(name: str, **overrides: object) -> SwinConfig:
+    """The config of a named preset, with fields replaced by `overrides`.
+
+    Args:
+        name: One of `preset_names()`.
+        **overrides: SwinConfig fields to change, e.g. num_classes=10.
+
+    Returns:
+        The validated config.
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}")
+    known = {f.name for f in fields(SwinConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown SwinConfig field(s) {', '.join(unknown)} for preset {name!r}")
+    return replace(_PRESETS[name], **overrides)
+
+
+def count_flops(model: nn.Module, size: IntPair, in_chans: int = 3) -> int:
+    """FLOPs (2 per multiply-add, as torch.utils.flop_counter counts) of one forward pass of one image.
+
+    Args:
+        model: The model, on the CPU.
+        size: (H, W) of the image.
+        in_chans: Input channels.
+
+    Returns:
+        FLOPs per image.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, in_chans, *size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def describe_presets() -> str:
+    """A table of the presets: geometry, parameters and forward GFLOPs per image at the preset's img_size."""
+    header = f"{'preset':<9} {'img':>7} {'patch':>5} {'dim':>4} {'depths':<10} {'windows':<10} "
+    header += f"{'classes':>7} {'params':>8} {'GFLOP/img':>9}"
+    lines = [header, "-" * len(header)]
+    for name in preset_names():
+        config = preset_config(name)
+        model = SwinTransformer(config).eval()
+        params = sum(p.numel() for p in model.parameters())
+        height, width = _pair(config.img_size)
+        gflops = count_flops(model, (height, width), config.in_chans) / 1e9
+        depths = "-".join(map(str, config.depths))
+        windows = "-".join(map(str, config.stage_windows))
+        lines.append(
+            f"{name:<9} {f'{height}x{width}':>7} {config.patch_size:>5} {config.embed_dim:>4} {depths:<10} "
+            f"{windows:<10} {config.num_classes:>7} {params / 1e6:>7.2f}M {gflops:>9.3f}"
+        )
+    lines.append("GFLOP/img: one forward pass, 2 FLOPs per multiply-add (torch.utils.flop_counter)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Window geometry: pure helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def window_partition(x: torch.Tensor, window: IntPair) -> torch.Tensor:
+    """Cut a feature map into non-overlapping windows.
+
+    Args:
+        x: (B, H, W, C), H and W multiples of the window.
+        window: (wh, ww).
+
+    Returns:
+        (B * nW, wh * ww, C), windows in row-major order per image.
+    """
+    b, h, w, c = x.shape
+    wh, ww = window
+    x = x.view(b, h // wh, wh, w // ww, ww, c)  # (B, nH, wh, nW, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)  # (B*nWin, wh*ww, C)
+
+
+def window_reverse(windows: torch.Tensor, window: IntPair, height: int, width: int) -> torch.Tensor:
+    """Inverse of `window_partition`.
+
+    Args:
+        windows: (B * nW, wh * ww, C).
+        window: (wh, ww).
+        height: H of the feature map.
+        width: W of the feature map.
+
+    Returns:
+        (B, H, W, C).
+    """
+    wh, ww = window
+    c = windows.shape[-1]
+    x = windows.view(-1, height // wh, width // ww, wh, ww, c)  # (B, nH, nW, wh, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, c)  # (B, H, W, C)
+
+
+def relative_position_index(window: IntPair, table_window: IntPair | None = None) -> torch.Tensor:
+    """Index into a relative position table for every pair of tokens of a window.
+
+    Args:
+        window: (wh, ww) of the window attended over.
+        table_window: (th, tw) the table was made for, each >= the window's side (default: the window).
+            The table has (2*th - 1) * (2*tw - 1) rows, row-major over (dy, dx).
+
+    Returns:
+        (N, N) int64, N = wh * ww: entry [i, j] is the table row of the offset from token j to token i.
+    """
+    wh, ww = window
+    th, tw = table_window or window
+    rows, cols = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()  # (N,)
+    dy = rows[:, None] - rows[None, :] + th - 1  # (N, N) in [th - wh, th + wh - 2]
+    dx = cols[:, None] - cols[None, :] + tw - 1
+    return dy * (2 * tw - 1) + dx
+
+
+class WindowGeometry(NamedTuple):
+    """How one block cuts a feature map of a given size into windows."""
+
+    window: IntPair  # window actually used
+    shift: IntPair  # cyclic shift, 0 where none
+    padded: IntPair  # feature map size after padding to multiples of the window
+
+
+def block_geometry(
+    size: IntPair, table_window: IntPair, shifted: bool, shift_full_window: bool = False
+) -> WindowGeometry:
+    """Window, shift and padding of a block for a feature map of `size` tokens.
+
+    The window is the table's window clamped to the map, per side; the shift (on shifted blocks) is half the
+    window, and 0 on a side the window covers whole, as official Swin does, unless `shift_full_window`.
+
+    Args:
+        size: (H, W) of the feature map.
+        table_window: (th, tw) of the block's relative position table.
+        shifted: Whether the block is a shifted-window block (every second block).
+        shift_full_window: Shift even on sides where the window covers the whole map.
+
+    Returns:
+        The block's WindowGeometry.
+    """
+    window = (min(size[0], table_window[0]), min(size[1], table_window[1]))
+    shift = tuple(
+        w // 2 if shifted and (s > w or shift_full_window) else 0 for s, w in zip(size, window, strict=True)
+    )
+    padded = tuple(math.ceil(s / w) * w for s, w in zip(size, window, strict=True))
+    return WindowGeometry(window, shift, padded)  # type: ignore[arg-type]
+
+
+def region_labels(length: int, padded: int, window: int, shift: int) -> torch.Tensor:
+    """Label of each position of one side of the padded, shifted grid: 0 kept, 1 wrapped around, 2 padding.
+
+    Args:
+        length: Side of the feature map before padding.
+        padded: Side after padding to a multiple of the window.
+        window: Window side.
+        shift: Cyclic shift (towards the start) applied after padding.
+
+    Returns:
+        (padded,) int64 labels.
+    """
+    pos = torch.arange(padded)
+    origin = (pos + shift) % padded  # where the token at pos came from on the padded grid
+    labels = (pos + shift >= padded).long()  # wrapped around
+    return labels.masked_fill(origin >= length, 2)
+
+
+def window_mask(size: IntPair, geometry: WindowGeometry) -> torch.Tensor | None:
+    """Additive attention mask of the shifted and padded windows (0: may attend, -inf: may not).
+
+    Two tokens may attend to each other iff, on the padded and shifted grid, they share a window and came
+    from the same region, a region being, per side, the kept part, the part that wrapped around, or the
+    padding.
+
+    Args:
+        size: (H, W) of the feature map before padding.
+        geometry: The block's geometry at that size.
+
+    Returns:
+        (nW, 1, N, N) float32, nW windows per image in row-major order, or None when there is neither shift
+        nor padding.
+    """
+    if geometry.shift == (0, 0) and geometry.padded == tuple(size):
+        return None
+    rows = region_labels(size[0], geometry.padded[0], geometry.window[0], geometry.shift[0])
+    cols = region_labels(size[1], geometry.padded[1], geometry.window[1], geometry.shift[1])
+    labels = (rows[:, None] * 3 + cols[None, :]).float()  # (Hp, Wp)
+    labels = window_partition(labels[None, :, :, None], geometry.window).squeeze(-1)  # (nW, N)
+    different = labels[:, :, None] != labels[:, None, :]  # (nW, N, N)
+    mask = torch.zeros(different.shape).masked_fill(different, float("-inf"))
+    return mask.unsqueeze(1)  # (nW, 1, N, N)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with probability p, scale the rest.
+
+    Args:
+        x: (B, ...) a residual branch.
+        p: Drop probability.
+        training: Identity unless True.
+
+    Returns:
+        Tensor of x's shape with expectation x.
+    """
+    if not training or p == 0.0:
+        return x
+    keep = 1.0 - p
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = x.new_empty(shape).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    """Module form of `drop_path`."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3f}"
+
+
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, fused: bool = True
+) -> torch.Tensor:
+    """Scaled dot-product attention with an additive float mask.
+
+    Args:
+        q: (..., heads, N, d).
+        k: (..., heads, N, d).
+        v: (..., heads, N, d).
+        attn_mask: Float mask broadcastable to (..., heads, N, N), added to the scaled scores.
+        fused: Use F.scaled_dot_product_attention; else the plain softmax formula.
+
+    Returns:
+        (..., heads, N, d).
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + attn_mask  # (..., heads, N, N)
+    return scores.softmax(dim=-1) @ v
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with a learned relative position bias.
+
+    Args:
+        dim: Token width C.
+        num_heads: Heads; each has C / heads channels.
+        table_window: (th, tw) the relative position table covers.
+        qkv_bias: Learned bias on the fused qkv projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, table_window: IntPair, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.table_window = table_window
+        self.fused = True
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        rows = (2 * table_window[0] - 1) * (2 * table_window[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+
+    def relative_bias(self, index: torch.Tensor) -> torch.Tensor:
+        """The relative position bias of a window.
+
+        Args:
+            index: (N, N) rows of the table, from `relative_position_index`.
+
+        Returns:
+            (heads, N, N).
+        """
+        n = index.shape[0]
+        bias = self.relative_position_bias_table[index.view(-1)]  # (N*N, heads)
+        return bias.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention within each window.
+
+        Args:
+            x: (B * nW, N, C) windows, nW per image.
+            index: (N, N) relative position index.
+            mask: (nW, 1, N, N) additive shift/padding mask, or None.
+
+        Returns:
+            (B * nW, N, C).
+        """
+        bw, n, c = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x).view(bw, n, 3, heads, c // heads)  # (B*nW, N, 3, heads, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nW, heads, N, d)
+        attn_mask = self.relative_bias(index)  # (heads, N, N)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn_mask = attn_mask + mask  # (nW, heads, N, N)
+            # (B, nW, heads, N, N) -> (B*nW, heads, N, N)
+            attn_mask = attn_mask.expand(bw // nw, nw, heads, n, n).reshape(bw, heads, n, n)
+        out = window_attention(q, k, v, attn_mask.to(q.dtype), self.fused)  # (B*nW, heads, N, d)
+        out = out.transpose(1, 2).reshape(bw, n, c)  # (B*nW, N, C)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    """Linear, GELU, Linear."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm transformer block over (shifted) windows.
+
+    Args:
+        dim: Token width C.
+        num_heads: Attention heads.
+        table_window: (th, tw) of the relative position table (the window at the config's image size).
+        shifted: Shifted-window block (SW-MSA) rather than plain (W-MSA).
+        shift_full_window: Shift even where the window covers the whole map.
+        mlp_ratio: MLP hidden width / C.
+        qkv_bias: Learned qkv bias.
+        drop_path_rate: Stochastic depth rate of this block.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        table_window: IntPair,
+        shifted: bool,
+        shift_full_window: bool = False,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.shifted = shifted
+        self.shift_full_window = shift_full_window
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, table_window, qkv_bias)
+        self.drop_path = DropPath(drop_path_rate)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self._cache: dict[tuple, tuple[WindowGeometry, torch.Tensor, torch.Tensor | None]] = {}
+
+    def geometry(
+        self, size: IntPair, device: torch.device
+    ) -> tuple[WindowGeometry, torch.Tensor, torch.Tensor | None]:
+        """Geometry, relative position index (N, N) and mask (nW, 1, N, N) or None at a map size, cached."""
+        key = (size, device)
+        if key not in self._cache:
+            geo = block_geometry(size, self.attn.table_window, self.shifted, self.shift_full_window)
+            index = relative_position_index(geo.window, self.attn.table_window).to(device)
+            mask = window_mask(size, geo)
+            self._cache[key] = (geo, index, None if mask is None else mask.to(device))
+        return self._cache[key]
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w, _ = x.shape
+        geo, index, mask = self.geometry((h, w), x.device)
+        pad_h, pad_w = geo.padded[0] - h, geo.padded[1] - w
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C), padded before the shift
+        if geo.shift != (0, 0):
+            x = torch.roll(x, shifts=(-geo.shift[0], -geo.shift[1]), dims=(1, 2))
+        windows = window_partition(x, geo.window)  # (B*nW, N, C)
+        windows = self.attn(windows, index, mask)  # (B*nW, N, C)
+        x = window_reverse(windows, geo.window, *geo.padded)  # (B, Hp, Wp, C)
+        if geo.shift != (0, 0):
+            x = torch.roll(x, shifts=geo.shift, dims=(1, 2))
+        if pad_h or pad_w:
+            x = x[:, :h, :w, :]  # (B, H, W, C), cropped after the reverse shift
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        x = x + self.drop_path(self._attention(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """Concatenate each 2x2 group of tokens, LayerNorm, Linear 4C -> 2C."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H/2, W/2, 2C)."""
+        b, h, w, c = x.shape
+        x = x.view(b, h // 2, 2, w // 2, 2, c)  # (B, H/2, dy, W/2, dx, C)
+        # official order of the concatenation: (dy, dx) = (0,0), (1,0), (0,1), (1,1)
+        x = x.permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)  # (B, H/2, W/2, 4C)
+        return self.reduction(self.norm(x))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches: conv with kernel = stride = patch size, then an optional LayerNorm."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int, norm: bool) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, H/p, W/p, C)."""
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class SwinStage(nn.Module):
+    """Optional patch merging, then blocks alternating plain and shifted windows."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        table_window: IntPair,
+        downsample: bool,
+        config: SwinConfig,
+        drop_path_rates: Sequence[float],
+    ) -> None:
+        super().__init__()
+        self.downsample = PatchMerging(dim // 2) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(
+            *[
+                SwinBlock(
+                    dim,
+                    num_heads,
+                    table_window,
+                    shifted=i % 2 == 1,
+                    shift_full_window=config.shift_full_window,
+                    mlp_ratio=config.mlp_ratio,
+                    qkv_bias=config.qkv_bias,
+                    drop_path_rate=drop_path_rates[i],
+                )
+                for i in range(depth)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C_in) -> (B, H', W', C)."""
+        return self.blocks(self.downsample(x))
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer image classifier.
+
+    Args:
+        config: The architecture.
+    """
+
+    def __init__(self, config: SwinConfig) -> None:
+        super().__init__()
+        self.config = config
+        height, width = _pair(config.img_size)
+        grid = (height // config.patch_size, width // config.patch_size)
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, config.patch_norm)
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        stages = []
+        for i, (depth, heads, window) in enumerate(
+            zip(config.depths, config.num_heads, config.stage_windows, strict=True)
+        ):
+            res = (grid[0] // 2**i, grid[1] // 2**i)
+            table_window = (min(window, res[0]), min(window, res[1]))
+            start = sum(config.depths[:i])
+            stages.append(
+                SwinStage(
+                    config.embed_dim * 2**i,
+                    depth,
+                    heads,
+                    table_window,
+                    downsample=i > 0,
+                    config=config,
+                    drop_path_rates=rates[start : start + depth],
+                )
+            )
+        self.stages = nn.Sequential(*stages)
+        self.num_features = config.embed_dim * 2 ** (len(config.depths) - 1)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, config.num_classes) if config.num_classes else nn.Identity()
+        self.apply(self._init_weights)
+        if config.rpb_init_std > 0:
+            for module in self.modules():
+                if isinstance(module, WindowAttention):
+                    nn.init.trunc_normal_(module.relative_position_bias_table, std=config.rpb_init_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Substrings of parameter names that weight decay must skip (besides norms and biases)."""
+        return {"relative_position_bias_table"}
+
+    def set_fused_attention(self, fused: bool) -> None:
+        """Use F.scaled_dot_product_attention (True, default) or the plain softmax formula (False)."""
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.fused = fused
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError, with the nearest sizes that work, if x cannot go through the model."""
+        if x.ndim != 4 or x.shape[1] != self.config.in_chans:
+            raise ValueError(f"input shape {tuple(x.shape)}: expected (B, {self.config.in_chans}, H, W)")
+        problem = size_problem((x.shape[2], x.shape[3]), self.config.patch_size, len(self.config.depths))
+        if problem:
+            raise ValueError(problem)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, H / stride, W / stride, C_last), after the final norm."""
+        self.check_input(x)
+        x = self.patch_embed(x)  # (B, H/p, W/p, C)
+        x = self.stages(x)  # (B, H', W', C_last)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) float -> (B, num_classes) logits."""
+        x = self.forward_features(x).mean(dim=(1, 2))  # (B, C_last)
+        return self.head(x)
