@@ -156,21 +156,20 @@ class SourceReader:
 
 
 def _find_root(files: dict[str, int]) -> str:
-    """The dataset root: descend through lone wrapper folders (``x/`` holding only ``x/y/``, or a lone folder
-    holding ``wnids.txt``)."""
+    """The dataset root: descend through lone wrapper folders (a top level holding nothing but one folder,
+    with no images directly inside it: ``tiny-imagenet-200/``, ``flowers/`` of ``flowers/train/...``)."""
+    exts = image_extensions()
     prefix = ""
     while True:
-        level = {rel[len(prefix) :] for rel in files}
+        level = [rel[len(prefix) :] for rel in files]
         top = {rel.split("/", 1)[0] for rel in level}
-        has_files = any("/" not in rel for rel in level)
-        if has_files or len(top) != 1:
+        if len(top) != 1 or any("/" not in rel for rel in level):
             return prefix
         (only,) = top
-        inner = {rel[len(only) + 1 :] for rel in level}
-        if "wnids.txt" in inner or not any("/" not in rel for rel in inner):
-            prefix = f"{prefix}{only}/"
-        else:
-            return prefix
+        inner = [rel[len(only) + 1 :] for rel in level]
+        if any("/" not in rel and is_image_name(rel, exts) for rel in inner):
+            return prefix  # `only` is a class folder
+        prefix = f"{prefix}{only}/"
 
 
 def list_source(source: str | os.PathLike[str]) -> SourceTree:
@@ -321,8 +320,9 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     im = _to_rgb(im)
     w, h = im.size
     if (w, h) != (size, size):
-        scale = size / min(w, h)
-        new_w, new_h = (size, max(size, int(h * scale))) if w <= h else (max(size, int(w * scale)), size)
+        short, long = min(w, h), max(w, h)
+        new_long = max(size, int(size * long / short))  # torchvision Resize's rounding
+        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
         im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left = round((new_w - size) / 2.0)
         top = round((new_h - size) / 2.0)
