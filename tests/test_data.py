@@ -447,7 +447,7 @@ def test_interrupted_prepare_leaves_no_cache_and_a_rerun_works(tmp_path):
     rng = np.random.default_rng(7)
     root = tmp_path / "many"
     tile = _noise(rng, 96, 96)
-    for i in range(2500):
+    for i in range(3000):
         folder = root / f"class{i % 5}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i}.jpg").write_bytes(_jpeg(np.roll(tile, i, axis=1)))
@@ -464,7 +464,7 @@ def test_interrupted_prepare_leaves_no_cache_and_a_rerun_works(tmp_path):
         while not list(out.parent.glob(".many.partial-*")) and proc.poll() is None:
             assert time.monotonic() < deadline, "prepare did not start decoding within 60 s"
             time.sleep(0.01)
-        time.sleep(0.3)
+        time.sleep(0.1)
         assert proc.poll() is None, "prepare finished before it could be interrupted"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
@@ -475,7 +475,7 @@ def test_interrupted_prepare_leaves_no_cache_and_a_rerun_works(tmp_path):
     leftovers = list(out.parent.iterdir())
     assert leftovers and all(not is_cache(p) for p in leftovers)
     cache = load_cache(prepare(root, out, size=48, workers=2, progress=False))
-    assert cache.meta["counts"] == {"train": 2500}
+    assert cache.meta["counts"] == {"train": 3000}
     assert list(out.parent.iterdir()) == [out]
 
 
