@@ -627,13 +627,7 @@ def prepare(
     source_root = tree.path.resolve()
     if not tree.is_zip and (out.resolve() == source_root or source_root in out.resolve().parents):
         raise ValueError(f"--out {out} must not be inside the source folder {tree.path}")
-    plan = _plan_source(tree)
-    splits = dict(plan.splits)
-    if holdout > 0:
-        train_files, train_labels = splits.pop("train")
-        splits = {**_holdout_split(train_files, train_labels, holdout, seed, len(plan.class_ids)), **splits}
     holdout_meta = {"fraction": float(holdout), "seed": int(seed) if holdout > 0 else None}
-    source_kind = f"{plan.kind}-{'zip' if tree.is_zip else 'folder'}"
     expected = {
         "format_version": FORMAT_VERSION,
         "source_digest": tree.digest(),
@@ -644,6 +638,12 @@ def prepare(
         if progress:
             print(f"{out}: cache already made from this source with these options")
         return out
+    plan = _plan_source(tree)
+    splits = dict(plan.splits)
+    if holdout > 0:
+        train_files, train_labels = splits.pop("train")
+        splits = {**_holdout_split(train_files, train_labels, holdout, seed, len(plan.class_ids)), **splits}
+    source_kind = f"{plan.kind}-{'zip' if tree.is_zip else 'folder'}"
     _remove_stale_partials(out)
     n_workers = workers or available_cpus()
     tmp = _new_partial(out)
