@@ -1,0 +1,156 @@
+"""Checkpoints: atomic writes, safe reads (`weights_only=True`) and compatibility checks.
+
+A checkpoint is one dict of plain data (tensors, dicts, lists, strings, numbers):
+`{format, model, optimizer, scheduler, scaler, ema, epoch, step, best, model_config, train_config,
+class_names, class_ids, rng_state, ...}`, the model's weights taken from the unwrapped, uncompiled module.
+Reading it cannot run code: `torch.load(weights_only=True)` refuses any pickle that would.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = 1
+REQUIRED_KEYS = ("model", "model_config", "class_names")
+# Testing hook: seconds to sleep after the temporary file is written and before it is renamed into place, so
+# that a test can kill a process in the middle of a checkpoint write.
+WRITE_DELAY_ENV = "TINYSWIN_CHECKPOINT_WRITE_DELAY"
+TEMP_MARKER = ".tmp-"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """`torch.save(obj)` to `path` atomically: a temporary file beside it, fsync, rename, fsync of the folder.
+
+    A reader (or a process killed mid-write) sees either the old file or the new one, never half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+            delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
+            if delay > 0:
+                time.sleep(delay)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files left by writes that were killed; returns what was removed."""
+    removed = []
+    for p in Path(folder).glob(f".*{TEMP_MARKER}*"):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with `torch.load(weights_only=True)`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a tinyswin checkpoint, or it is a pickle that would run code on loading.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path}: refused: not a plain-data checkpoint (loading it would run code or build objects "
+            f"outside weights_only): {reason}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a tinyswin checkpoint (expected keys {REQUIRED_KEYS}, found {have})")
+    return ckpt
+
+
+def differences(theirs: Any, ours: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two plain values: ['key: A (checkpoint) != B (this run)', ...]."""
+    if isinstance(theirs, Mapping) and isinstance(ours, Mapping):
+        out = []
+        for key in sorted(set(theirs) | set(ours), key=str):
+            name = f"{prefix}{key}"
+            if key not in theirs:
+                out.append(f"{name}: missing in the checkpoint, {ours[key]!r} in this run")
+            elif key not in ours:
+                out.append(f"{name}: {theirs[key]!r} in the checkpoint, missing in this run")
+            else:
+                out += differences(theirs[key], ours[key], name + ".")
+        return out
+    a = list(theirs) if isinstance(theirs, tuple) else theirs
+    b = list(ours) if isinstance(ours, tuple) else ours
+    if a != b:
+        return [f"{prefix.rstrip('.') or 'value'}: {a!r} (checkpoint) != {b!r} (this run)"]
+    return []
+
+
+def check_compatible(
+    ckpt: Mapping[str, Any],
+    *,
+    model_config: Mapping[str, Any] | None = None,
+    class_names: list[str] | None = None,
+    source: str = "checkpoint",
+) -> None:
+    """Refuse a checkpoint whose model config or class list differs from this run's, saying what differs.
+
+    Raises:
+        ValueError: one line naming `source` and each difference (the first few).
+    """
+    problems: list[str] = []
+    if model_config is not None:
+        problems += [f"model config {d}" for d in differences(ckpt["model_config"], model_config)]
+    if class_names is not None and list(ckpt["class_names"]) != list(class_names):
+        theirs, ours = list(ckpt["class_names"]), list(class_names)
+        if len(theirs) != len(ours):
+            problems.append(f"class list: {len(theirs)} classes (checkpoint) != {len(ours)} (this run)")
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b)
+            problems.append(f"class list: class {i} is {theirs[i]!r} (checkpoint) != {ours[i]!r} (this run)")
+    if problems:
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise ValueError(f"{source} does not match: " + "; ".join(problems[:4]) + more)

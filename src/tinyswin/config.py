@@ -1,0 +1,496 @@
+"""Training configuration: the `TrainConfig` dataclass, YAML presets and `key=value` overrides.
+
+A configuration is built in layers, each a partial nested mapping over the one before:
+
+    dataclass defaults -> preset YAML (`configs/NAME.yaml`, may name a `base:` preset) -> `--config FILE.yaml`
+    -> `key=value` overrides (dotted keys, e.g. `optim.lr=1e-3 model.drop_path_rate=0.1`)
+
+Every key is checked: an unknown key is an error that names the closest known one, and every value is
+converted to the type of its field (`1` -> 1.0 for a float, `[2, 2]` -> (2, 2) for a tuple) or refused.
+The `model` and `augment` sections hold a preset name plus overrides of the fields of
+`tinyswin.model.SwinConfig` and `tinyswin.data.AugmentConfig`; in YAML and in `key=value` form the
+overrides sit beside `preset` (`model.preset=nano model.embed_dim=64`).
+
+Learning-rate rule (linear scaling): the optimiser runs at
+`optim.lr * batch_size / optim.lr_base_batch`, where `batch_size` is the global batch (all processes, all
+accumulation steps). The notebook's 2.5e-4 at batch 64 is `lr 1e-3, lr_base_batch 256`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+VAL_SPLITS = ("val", "holdout")
+SCHEDULE_STEPS = ("iteration", "epoch")
+
+
+@dataclass
+class ModelSection:
+    """Which model: a preset of `tinyswin.model` and overrides of its `SwinConfig` fields.
+
+    `num_classes` always follows the data; `img_size` follows the training resolution (the augmentation's
+    output size, else the cache's image size) unless it is overridden here.
+    """
+
+    preset: str = "nano"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AugmentSection:
+    """Which augmentation: a preset of `tinyswin.data.augment` and overrides of its `AugmentConfig` fields."""
+
+    preset: str = "none"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and which split is which."""
+
+    source: str | None = None  # a cache, a dataset to prepare, or None for the built-in synthetic set
+    size: int = 64  # image side when a source is prepared into a cache
+    holdout: float = 0.0  # fraction of every train class kept aside as split 'holdout' when preparing
+    val_split: Literal["val", "holdout"] = "val"  # the split that picks best.pt
+    mean: tuple[float, float, float] | None = None  # normalisation (0..1 scale); None: the cache's own
+    std: tuple[float, float, float] | None = None
+    num_workers: int = 4  # kept for the record; batches come from the in-memory cache without workers
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and what surrounds each step."""
+
+    lr: float = 1e-3  # at a global batch of lr_base_batch; scaled linearly to the actual batch
+    lr_base_batch: int = 256
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05  # on tensors with ndim >= 2 only
+    decay_rel_pos_bias: bool = False  # False: the relative position tables are not decayed
+    grad_clip: float | None = 5.0  # max global grad norm; None: no clipping
+    fused: bool | None = None  # None: fused AdamW where the device supports it
+
+
+@dataclass
+class ScheduleConfig:
+    """Epochs, learning-rate schedule (defined in epochs) and the Mixup/CutMix schedule."""
+
+    epochs: int = 30
+    warmup_epochs: float = 2.0
+    warmup_start: float = 0.01  # warm-up starts at this fraction of the peak learning rate
+    min_lr: float = 1e-5  # the cosine ends here (absolute, not scaled)
+    step: Literal["iteration", "epoch"] = "iteration"  # the learning rate changes every iteration or epoch
+    mix_off_first_epochs: int = 1  # Mixup/CutMix off in the first N epochs
+    mix_off_last_epochs: int = 0  # and in the last M
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of the weights, evaluated beside the raw weights."""
+
+    enabled: bool = False
+    decay: float = 0.999  # per optimizer step
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the run directory."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    batch_size: int = 128  # global: summed over processes and accumulation steps
+    accumulation: int = 1  # micro-batches per optimizer step
+    eval_batch_size: int = 256  # per process
+    label_smoothing: float = 0.1  # on unmixed batches
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_nonfinite: int = 5  # this many non-finite losses in a row stop the run
+    time_budget: float | None = None  # seconds; the schedule is planned to fit and the run stops in time
+    tensorboard: bool = True  # event files when tensorboard is installed
+
+    def peak_lr(self) -> float:
+        """The learning rate after the linear scaling rule: lr * batch_size / lr_base_batch."""
+        return scaled_lr(self.optim.lr, self.batch_size, self.optim.lr_base_batch)
+
+
+def scaled_lr(base_lr: float, global_batch: int, base_batch: int) -> float:
+    """Linear scaling rule: `base_lr` holds at `base_batch`; a batch k times larger gets k times the rate."""
+    return base_lr * global_batch / base_batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# presets
+
+
+def preset_dir() -> Path:
+    """The folder of the YAML presets shipped inside the package."""
+    return Path(str(resources.files("tinyswin") / "configs"))
+
+
+def config_preset_names() -> list[str]:
+    """Names of the shipped training presets (`configs/*.yaml`)."""
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def _preset_layers(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The mappings of preset `name`, its `base:` chain first."""
+    if name in seen:
+        raise ValueError(f"preset {name!r}: circular 'base' chain {' -> '.join((*seen, name))}")
+    path = preset_dir() / f"{name}.yaml"
+    if not path.is_file():
+        names = config_preset_names()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown preset {name!r} (presets: {', '.join(names)}){hint}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    layers = _preset_layers(base, (*seen, name)) if base else []
+    return [*layers, (str(path), data)]
+
+
+def load_config(
+    preset: str | None = None,
+    file: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+) -> TrainConfig:
+    """Build a training config from a preset, a YAML file and `key=value` overrides, in that order.
+
+    Args:
+        preset: name of a shipped preset (`configs/NAME.yaml`); None: none (a file may name a `base:`).
+        file: a YAML file whose keys apply over the preset; it may name a `base:` preset (without `preset`).
+        overrides: `dotted.key=value` strings applied last; values read as YAML (`null`, `[2, 2]`, `1e-3`).
+
+    Returns:
+        The resolved TrainConfig.
+
+    Raises:
+        ValueError: an unknown preset or key (naming the closest), a value of the wrong type, a bad file.
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if preset:
+        layers += _preset_layers(preset)
+    if file is not None:
+        data = _read_yaml(Path(file))
+        base = data.pop("base", None)
+        if base and preset and base != preset:
+            raise ValueError(f"{file}: names base preset {base!r} but --preset {preset!r} was given")
+        if base and not preset:
+            layers += _preset_layers(base)
+        layers.append((str(file), data))
+    cfg = TrainConfig()
+    for origin, data in layers:
+        cfg = merge(cfg, data, origin)
+    return apply_overrides(cfg, overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# to and from plain mappings
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain nested dicts/lists/scalars (YAML- and `torch.load(weights_only=True)`-safe).
+
+    The `model` and `augment` sections are written flat: `{"preset": NAME, **overrides}`.
+    """
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, (ModelSection, AugmentSection)):
+            out[f.name] = {"preset": value.preset, **{k: _plain(v) for k, v in value.overrides.items()}}
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = {g.name: _plain(getattr(value, g.name)) for g in dataclasses.fields(value)}
+        else:
+            out[f.name] = _plain(value)
+    return out
+
+
+def from_dict(data: Mapping[str, Any], origin: str = "config") -> TrainConfig:
+    """A TrainConfig from a (possibly partial) nested mapping over the dataclass defaults; see `to_dict`."""
+    return merge(TrainConfig(), data, origin)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML text (the form of `RUN_DIR/config.yaml`)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_yaml(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
+    """Write the config as YAML to `path`."""
+    Path(path).write_text(to_yaml(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# merging and overrides
+
+
+def merge(cfg: TrainConfig, data: Mapping[str, Any], origin: str = "config") -> TrainConfig:
+    """A copy of `cfg` with the keys of nested mapping `data` set (every key and value checked)."""
+    out = dataclasses.replace(cfg)
+    for key, value in _flatten(data):
+        _set(out, key, value, origin)
+    return out
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
+    """A copy of `cfg` with `dotted.key=value` strings applied (values read as YAML)."""
+    out = dataclasses.replace(cfg)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-3")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        _set(out, key.strip(), value, "override")
+    return out
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mapping -> [(dotted key, value)], descending into the sections only."""
+    items: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and dotted in _SECTIONS:
+            items += _flatten(value, dotted + ".")
+        else:
+            items.append((dotted, value))
+    return items
+
+
+_SECTIONS = ("model", "data", "augment", "optim", "schedule", "ema")
+_EXTERNAL = ("model", "augment")  # sections whose overrides are the fields of another module's dataclass
+
+
+def _external_hints(section: str) -> dict[str, Any]:
+    """Field name -> type hint of SwinConfig ('model') or AugmentConfig ('augment')."""
+    if section == "model":
+        from tinyswin.model import SwinConfig
+
+        cls: type = SwinConfig
+    else:
+        from tinyswin.data.augment import AugmentConfig
+
+        cls = AugmentConfig
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def known_keys() -> list[str]:
+    """Every dotted key a config accepts (model/augment keys include their dataclass's fields)."""
+    keys: list[str] = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _EXTERNAL:
+            keys.append(f"{f.name}.preset")
+            keys += [f"{f.name}.{name}" for name in _external_hints(f.name)]
+        elif f.name in _SECTIONS:
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(_section_type(f.name))]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _section_type(name: str) -> type:
+    return typing.get_type_hints(TrainConfig)[name]
+
+
+def _unknown(key: str, origin: str) -> ValueError:
+    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"{origin}: unknown key {key!r}{hint}")
+
+
+def _set(cfg: TrainConfig, key: str, value: Any, origin: str) -> None:
+    """Set dotted `key` of `cfg` (sections are replaced, never mutated in place) after checking its type."""
+    parts = key.split(".")
+    top = parts[0]
+    hints = typing.get_type_hints(TrainConfig)
+    if top not in hints:
+        raise _unknown(key, origin)
+    if top in _SECTIONS:
+        if len(parts) != 2:
+            raise _unknown(key, origin)
+        name = parts[1]
+        section = getattr(cfg, top)
+        if top in _EXTERNAL:
+            if name == "preset":
+                new = dataclasses.replace(section, preset=_coerce(value, str, key, origin))
+            else:
+                ext = _external_hints(top)
+                if name not in ext:
+                    raise _unknown(key, origin)
+                if name == "num_classes" and top == "model":
+                    raise ValueError(f"{origin}: {key} is set by the data (its number of classes)")
+                new = dataclasses.replace(
+                    section, overrides={**section.overrides, name: _coerce(value, ext[name], key, origin)}
+                )
+        else:
+            sec_hints = typing.get_type_hints(type(section))
+            if name not in sec_hints:
+                raise _unknown(key, origin)
+            new = dataclasses.replace(section, **{name: _coerce(value, sec_hints[name], key, origin)})
+        setattr(cfg, top, new)
+        return
+    if len(parts) != 1:
+        raise _unknown(key, origin)
+    setattr(cfg, top, _coerce(value, hints[top], key, origin))
+
+
+def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
+    """`value` converted to type `hint`, or a ValueError naming the key."""
+    try:
+        return _convert(value, hint)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"{origin}: {key}={value!r}: expected {_describe(hint)}")
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:  # exact type first, then conversions
+            if arg is not type(None) and _is_instance(value, arg):
+                return _convert(value, arg)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(value)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(value)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ValueError(value)
+            items = [_convert(v, a) for v, a in zip(value, args, strict=True)]
+        else:
+            items = [_convert(v, args[0] if args else Any) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise TypeError(value)
+        return dict(value)
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ValueError(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(value)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError(value)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)  # YAML reads '1e-3' (no dot) as a string
+        raise TypeError(value)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(value)
+    if isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise TypeError(value)
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is float:
+        return isinstance(value, float)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(hint, type) and isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin in (tuple, list):
+        args = typing.get_args(hint)
+        inner = ", ".join(_describe(a) for a in args if a is not Ellipsis)
+        return f"list of [{inner}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# places
+
+
+def cache_root() -> Path:
+    """Where tinyswin keeps caches: $TINYSWIN_CACHE, else $XDG_CACHE_HOME/tinyswin, else ~/.cache/tinyswin."""
+    if os.environ.get("TINYSWIN_CACHE"):
+        return Path(os.environ["TINYSWIN_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "tinyswin"
+    return Path.home() / ".cache" / "tinyswin"

@@ -1,0 +1,196 @@
+"""Using a trained checkpoint: evaluate it on a split, or predict the classes of image files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinyswin.checkpoint import check_compatible, load_checkpoint
+from tinyswin.config import TrainConfig, from_dict
+from tinyswin.train import (
+    build_augment_config,
+    eval_splits,
+    evaluate,
+    resolve_data,
+    resolve_device,
+    resolve_precision,
+)
+
+
+class LoadedModel:
+    """A model rebuilt from a checkpoint, in eval mode, with what inference needs.
+
+    Attributes:
+        model: the SwinTransformer (raw weights, or the EMA weights when asked).
+        checkpoint: the checkpoint dict.
+        config: its TrainConfig.
+        class_names / class_ids: label order.
+        image_size: side of the cache images it was trained on (predict resizes images to it).
+        eval_size: input side of the model, or None when it equals image_size.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", ema: bool = False) -> None:
+        from tinyswin.data.augment import build_augment
+        from tinyswin.model import SwinConfig, SwinTransformer
+
+        self.path = Path(path)
+        ckpt = load_checkpoint(self.path)
+        self.checkpoint = ckpt
+        self.config: TrainConfig = from_dict(ckpt["train_config"], str(self.path))
+        self.device = resolve_device(device if device != "auto" else self.config.device)
+        mc = dict(ckpt["model_config"])
+        for key, value in mc.items():
+            if isinstance(value, list):
+                mc[key] = tuple(value)
+        self.model_config = SwinConfig(**mc)
+        model = SwinTransformer(self.model_config)
+        if ema:
+            if ckpt.get("ema") is None:
+                raise ValueError(f"{self.path}: holds no EMA weights (the run had ema.enabled false)")
+            state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+        else:
+            state = ckpt["model"]
+        model.load_state_dict(state)
+        self.model = model.to(self.device).eval()
+        self.class_names: list[str] = list(ckpt["class_names"])
+        self.class_ids: list[str] = list(ckpt.get("class_ids") or self.class_names)
+        self.image_size = int(ckpt["image_size"])
+        size = self.model_config.img_size
+        side = size if isinstance(size, int) else size[0]
+        self.eval_size = None if side == self.image_size else side
+        norm = ckpt["normalization"]
+        self.augment = build_augment(
+            build_augment_config(self.config), tuple(norm["mean"]), tuple(norm["std"]), len(self.class_names)
+        )
+        self.amp_dtype = resolve_precision(self.config.precision, self.device)[0]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> float (B, 3, H', W'), exactly as the run evaluated."""
+        return self.augment.normalize(images, self.eval_size)
+
+
+def evaluate_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    data: str | None = None,
+    split: str = "val",
+    batch_size: int | None = None,
+    device: str = "auto",
+    ema: bool = False,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Loss, top-1 and top-5 of a checkpoint on a split of its dataset (or of `data`).
+
+    Args:
+        path: the checkpoint.
+        data: a cache or source; default: the run's own data.
+        split: the split to evaluate.
+        batch_size: default: the run's eval batch size.
+        device: 'auto', 'cpu', 'cuda', ...
+        ema: evaluate the EMA weights.
+
+    Returns:
+        {"loss", "top1", "top5", "n", "split", "checkpoint", "ece"}.
+
+    Raises:
+        ValueError: the data's class list differs from the checkpoint's, or the split is missing.
+    """
+    from tinyswin.data import BatchLoader, load_cache
+
+    loaded = LoadedModel(path, device=device, ema=ema)
+    cfg = loaded.config
+    source = data if data is not None else cfg.data.source
+    cache = load_cache(resolve_data(source, cfg, log))
+    check_compatible(loaded.checkpoint, class_names=cache.class_names, source=str(path))
+    if split not in cache.splits:
+        eval_splits(cache.splits, split)  # raises with the list of splits
+    images, labels = cache.split(split)
+    loader = BatchLoader(
+        images,
+        labels,
+        batch_size or cfg.eval_batch_size,
+        shuffle=False,
+        drop_last=False,
+        device=loaded.device,
+    )
+    result = evaluate(
+        loaded.model,
+        iter(loader),
+        loaded.normalize,
+        num_classes=len(loaded.class_names),
+        label_smoothing=cfg.label_smoothing,
+        amp_dtype=loaded.amp_dtype,
+    )
+    return {
+        "checkpoint": str(path),
+        "split": split,
+        "n": result.n,
+        "loss": result.loss,
+        "top1": result.top1,
+        "top5": result.top5,
+        "ece": result.summary(loaded.class_names)["ece"],
+    }
+
+
+def load_images(paths: Sequence[str | os.PathLike[str]], size: int) -> np.ndarray:
+    """Image files of any size and mode -> uint8 (N, size, size, 3), as `prepare` decodes them
+    (RGB, short side resized to `size`, centre crop).
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: a file is not a readable image.
+    """
+    from tinyswin.data.imagefolder import decode_image
+
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"image not found: {p}")
+        try:
+            out.append(decode_image(p.read_bytes(), size))
+        except Exception as exc:  # Pillow raises many kinds for unreadable files
+            raise ValueError(f"{p}: not a readable image ({exc})") from None
+    return np.stack(out)  # (N, size, size, 3)
+
+
+@torch.no_grad()
+def predict(
+    path: str | os.PathLike[str],
+    images: Sequence[str | os.PathLike[str]],
+    *,
+    topk: int = 5,
+    device: str = "auto",
+    ema: bool = False,
+) -> list[dict[str, Any]]:
+    """The `topk` classes of each image file with their probabilities.
+
+    Returns:
+        One dict per image: {"image", "predictions": [{"class", "class_id", "index", "probability"}, ...]}.
+    """
+    loaded = LoadedModel(path, device=device, ema=ema)
+    pixels = torch.from_numpy(load_images(images, loaded.image_size)).to(loaded.device)  # (N, S, S, 3)
+    k = max(1, min(topk, len(loaded.class_names)))
+    results = []
+    for start in range(0, len(images), 64):
+        x = loaded.normalize(pixels[start : start + 64])
+        logits = loaded.model(x).float()  # (B, K)
+        probs = logits.softmax(dim=1)
+        top = probs.topk(k, dim=1)
+        for i in range(x.shape[0]):
+            preds = [
+                {
+                    "class": loaded.class_names[j],
+                    "class_id": loaded.class_ids[j],
+                    "index": j,
+                    "probability": p,
+                }
+                for p, j in zip(top.values[i].tolist(), top.indices[i].tolist(), strict=True)
+            ]
+            results.append({"image": str(images[start + i]), "predictions": preds})
+    return results

@@ -1,0 +1,177 @@
+"""Optimiser parameter groups and the warm-up + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+REL_POS_KEYWORD = "relative_position_bias_table"
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_rel_pos_bias: bool = False
+) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed (tensors with ndim >= 2) and not decayed (the rest and the excluded names).
+
+    Norm weights and biases are 1-D, so the ndim rule leaves them out; the relative position tables are 2-D,
+    so they are left out by name (the model's `no_weight_decay_keywords()`), unless `decay_rel_pos_bias`.
+
+    Args:
+        model: the (unwrapped) model.
+        weight_decay: decay of the first group.
+        decay_rel_pos_bias: also decay the relative position tables (the notebook's post-mortem blames this).
+
+    Returns:
+        `[{"params": decayed, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]`, each
+        group also holding the parameter names under "names".
+    """
+    keywords = set(getattr(model, "no_weight_decay_keywords", lambda: {REL_POS_KEYWORD})())
+    keywords.add(REL_POS_KEYWORD)
+    if decay_rel_pos_bias:
+        keywords = {k for k in keywords if k != REL_POS_KEYWORD}
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim >= 2 and not any(k in name for k in keywords):
+            decay.append(param)
+            decay_names.append(name)
+        else:
+            no_decay.append(param)
+            no_decay_names.append(name)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
+        {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
+    ]
+
+
+def build_adamw(
+    model: nn.Module,
+    lr: float,
+    *,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    decay_rel_pos_bias: bool = False,
+    fused: bool | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, ...)`; `fused=None` picks the fused kernel on CUDA."""
+    groups = [
+        {k: v for k, v in g.items() if k != "names"}
+        for g in param_groups(model, weight_decay, decay_rel_pos_bias)
+    ]
+    kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(betas), "eps": eps}
+    use_fused = torch.device(device).type == "cuda" if fused is None else fused
+    if use_fused and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def schedule_lr(
+    t: float,
+    peak_lr: float,
+    *,
+    epochs: float,
+    warmup_epochs: float,
+    warmup_start: float,
+    min_lr: float,
+) -> float:
+    """Learning rate at time `t` (in epochs, fractional): linear warm-up, then cosine to `min_lr`.
+
+    Warm-up goes linearly from `warmup_start * peak_lr` at t = 0 to `peak_lr` at t = warmup_epochs; the cosine
+    then runs over the remaining `epochs - warmup_epochs` epochs (torch's LinearLR, then CosineAnnealingLR).
+    """
+    if warmup_epochs > 0 and t < warmup_epochs:
+        return peak_lr * (warmup_start + (1.0 - warmup_start) * t / warmup_epochs)
+    span = max(epochs - warmup_epochs, 1e-12)
+    progress = min(max(t - warmup_epochs, 0.0) / span, 1.0)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """Warm-up + cosine schedule defined in epochs and applied every iteration (or every epoch).
+
+    Call `step()` after each optimizer step. The state is the number of steps taken, so a resumed schedule
+    continues exactly.
+
+    Args:
+        optimizer: its groups' "lr" is set on construction and by every `step()`.
+        peak_lr: the learning rate at the end of warm-up (after the scaling rule).
+        iters_per_epoch: optimizer steps per epoch.
+        epochs, warmup_epochs, warmup_start, min_lr: see `schedule_lr`.
+        per_iteration: False holds the rate constant within an epoch (the notebook's per-epoch stepping).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        peak_lr: float,
+        *,
+        iters_per_epoch: int,
+        epochs: float,
+        warmup_epochs: float,
+        warmup_start: float = 0.01,
+        min_lr: float = 0.0,
+        per_iteration: bool = True,
+    ) -> None:
+        if iters_per_epoch < 1:
+            raise ValueError(f"iters_per_epoch must be >= 1, got {iters_per_epoch}")
+        self.optimizer = optimizer
+        self.peak_lr = peak_lr
+        self.iters_per_epoch = iters_per_epoch
+        self.epochs = epochs
+        self.warmup_epochs = warmup_epochs
+        self.warmup_start = warmup_start
+        self.min_lr = min_lr
+        self.per_iteration = per_iteration
+        self.steps = 0
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate used by optimizer step number `step` (0-based)."""
+        t = step / self.iters_per_epoch if self.per_iteration else float(step // self.iters_per_epoch)
+        return schedule_lr(
+            t,
+            self.peak_lr,
+            epochs=self.epochs,
+            warmup_epochs=self.warmup_epochs,
+            warmup_start=self.warmup_start,
+            min_lr=self.min_lr,
+        )
+
+    def get_last_lr(self) -> float:
+        """The learning rate the next optimizer step will use."""
+        return self.lr_at(self.steps)
+
+    def step(self) -> None:
+        """Advance by one optimizer step and set the next step's learning rate."""
+        self.steps += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        lr = self.lr_at(self.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def state_dict(self) -> dict[str, Any]:
+        """`{"steps": n}` plus the schedule's parameters (for the record)."""
+        return {
+            "steps": self.steps,
+            "peak_lr": self.peak_lr,
+            "iters_per_epoch": self.iters_per_epoch,
+            "epochs": self.epochs,
+            "warmup_epochs": self.warmup_epochs,
+            "warmup_start": self.warmup_start,
+            "min_lr": self.min_lr,
+            "per_iteration": self.per_iteration,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state["steps"]` (the other parameters come from the config)."""
+        self.steps = int(state["steps"])
+        self._apply()
