@@ -4,11 +4,16 @@ On-disk layout of a cache folder::
 
     meta.json               format_version, tinyswin_version, source, source_kind, source_digest,
                             image_size, holdout {fraction, seed}, class_ids, class_names, splits,
-                            counts {split: N}, class_counts {split: [N per class]}, mean, std (train, per
-                            channel, 0..1 scale), skipped (files left out by --skip-bad)
+                            counts {split: N}, class_counts {split: [N per class]}, mean, std (over
+                            every pixel of train, per channel, 0..1 scale), skipped (files left out by
+                            --skip-bad); class_words for Tiny ImageNet (the full words.txt line)
     <split>_images.npy      uint8 (N, H, W, 3), memory-mappable
     <split>_labels.npy      int64 (N,)
     <split>_files.txt       the source file of each row, one relative path a line (``prepare`` only)
+
+Rows follow the sorted relative paths of their split (train: class after class). The source digest is a
+sha256 of the sorted listing of the source's files (relative names and sizes), so the official zip and the
+folder it unpacks to give the same digest and the same cache.
 
 A cache is written into a hidden temporary folder beside its target (``.NAME.partial-PID-XXXX``), with
 ``meta.json`` last, and renamed into place at the end: an interrupted run never leaves a folder that looks
@@ -39,8 +44,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tinyswin.data.imagefolder import DatasetPlan, SourceReader, SourceTree, decode_image, list_source
-from tinyswin.data.imagefolder import plan_imagefolder as _plan_imagefolder
+from tinyswin.data.imagefolder import (
+    DatasetPlan,
+    SourceReader,
+    SourceTree,
+    decode_image,
+    list_source,
+    plan_imagefolder,
+)
 from tinyswin.data.tinyimagenet import is_tinyimagenet, plan_tinyimagenet
 
 FORMAT_VERSION = 1
@@ -271,6 +282,10 @@ def _publish(tmp: Path, meta: dict[str, Any], out: Path) -> None:
     try:
         os.rename(tmp, out)
     except OSError as exc:
+        same = ("format_version", "source_digest", "image_size", "holdout")
+        if is_cache(out) and not _differences(load_cache(out).meta, {k: meta[k] for k in same}):
+            shutil.rmtree(tmp, ignore_errors=True)  # another process made the same cache meanwhile
+            return
         raise ValueError(f"could not move the new cache into place at {out}: {exc}") from exc
 
 
@@ -582,7 +597,7 @@ def _decode_plan(
 
 
 def _plan_source(tree: SourceTree) -> DatasetPlan:
-    return plan_tinyimagenet(tree) if is_tinyimagenet(tree) else _plan_imagefolder(tree)
+    return plan_tinyimagenet(tree) if is_tinyimagenet(tree) else plan_imagefolder(tree)
 
 
 def prepare(
