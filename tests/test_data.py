@@ -380,6 +380,16 @@ def test_image_folder_with_val_sibling(tmp_path):
     assert not (tmp_path / "c2").exists()
 
 
+def test_a_wrapped_dataset_is_not_read_as_one_class(ti_folder, tmp_path):
+    root, _ = ti_folder
+    wrapped = zip_folder(root, tmp_path / "wrapped.zip")
+    with zipfile.ZipFile(wrapped, "a") as zf:
+        zf.writestr("README.txt", "a file beside the dataset folder")
+    with pytest.raises(ValueError, match="only one class folder \\('tiny-imagenet-200'\\)"):
+        prepare(wrapped, tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+
+
 # -------------------- write_cache
 
 

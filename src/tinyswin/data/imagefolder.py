@@ -238,7 +238,8 @@ def plan_imagefolder(tree: SourceTree) -> DatasetPlan:
     """The dataset of an image-folder tree (see the module docstring for the layout).
 
     Raises:
-        ValueError: no class folders, a class folder with no images, a val/test class unknown to train.
+        ValueError: fewer than two class folders, a class folder with no images, a val/test class unknown
+            to train.
     """
     exts = image_extensions()
     top = tree.subdirs()
@@ -254,6 +255,11 @@ def plan_imagefolder(tree: SourceTree) -> DatasetPlan:
         if not any(is_image_name(rel, exts) for rel in tree.files):
             raise ValueError(f"source is empty: no images found in {tree.where()}")
         raise ValueError(f"no class folders in {tree.where(bases['train'])}: expected <class>/<images>")
+    if len(class_ids) == 1:
+        raise ValueError(
+            f"only one class folder ('{class_ids[0]}') in {tree.where(bases['train'])}: point the source at "
+            "the folder that holds the class folders"
+        )
     index = {cls: i for i, cls in enumerate(class_ids)}
     splits: dict[str, tuple[list[str], np.ndarray]] = {}
     for split, by_class in per_split.items():
