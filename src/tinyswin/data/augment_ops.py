@@ -2,14 +2,18 @@
 
 Every function takes a batch ``x`` of shape ``(N, 3, H, W)``, dtype float32, holding whole numbers in
 ``[0, 255]`` (a uint8 image batch kept in float so that it can live on any device and feed ``grid_sample``),
-plus one parameter per sample, and returns a new batch of the same kind. Each function reproduces the
-corresponding ``torchvision.transforms.functional`` op on a uint8 tensor: the same float32 arithmetic, the
-same clamping, and the same cast back to uint8 (truncation for blends, rounding for the sharpness filter).
-None of them loops over samples: per-sample parameters are broadcast as ``(N, 1, 1, 1)`` tensors and
-histograms are built for the whole batch at once.
+plus one parameter per sample. Each reproduces the corresponding ``torchvision.transforms.functional`` op
+on a uint8 tensor: the same float32 arithmetic, the same clamping, and the same cast back to uint8
+(truncation for blends, rounding for the sharpness filter). None of them loops over samples: per-sample
+parameters are broadcast as ``(N, 1, 1, 1)`` tensors and histograms are built for the whole batch at once.
+
+Each op comes in two forms: ``op(x, ...)`` returns a new batch; ``op_(x, ...)`` (PyTorch's trailing
+underscore convention) overwrites ``x`` and returns it. The in-place forms exist for speed: on a CPU,
+fresh memory for every intermediate costs more than the arithmetic, so they keep temporaries few.
 
 Per-sample factors may be float64: blends use ``float32(f)`` and ``float32(1 - f)`` computed in float64,
-which is what torchvision does with a Python float factor.
+which is what torchvision does with a Python float factor. Masks are float 0/1 arithmetic on whole
+numbers rather than boolean selections (exact, and several times faster on CPU).
 """
 
 from __future__ import annotations
@@ -19,22 +23,38 @@ from torch import Tensor
 
 __all__ = [
     "adjust_brightness",
+    "adjust_brightness_",
     "adjust_contrast",
+    "adjust_contrast_",
     "adjust_hue",
+    "adjust_hue_",
     "adjust_saturation",
+    "adjust_saturation_",
     "adjust_sharpness",
+    "adjust_sharpness_",
     "autocontrast",
+    "autocontrast_",
     "blend",
+    "complement",
     "equalize",
+    "equalize_",
     "grayscale",
+    "per_sample",
     "posterize",
+    "posterize_",
     "solarize",
+    "solarize_",
 ]
 
 
-def _per_sample(values: Tensor, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+def per_sample(values: Tensor, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Reshape per-sample values ``(N,)`` to ``(N, 1, 1, 1)`` on ``x``'s device."""
     return values.to(device=x.device, dtype=dtype).view(-1, 1, 1, 1)
+
+
+def complement(ratio: Tensor, x: Tensor) -> Tensor:
+    """``float32(1 - ratio)`` computed in float64, as ``(N, 1, 1, 1)`` on ``x``'s device."""
+    return per_sample(1.0 - ratio.double(), x)
 
 
 def grayscale(x: Tensor) -> Tensor:
@@ -47,7 +67,11 @@ def grayscale(x: Tensor) -> Tensor:
         ``(N, 1, H, W)`` float32 whole numbers.
     """
     r, g, b = x.unbind(dim=1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).floor_().unsqueeze(1)
+    gray = r * 0.2989
+    term = torch.mul(g, 0.587)
+    gray.add_(term)
+    gray.add_(torch.mul(b, 0.114, out=term))
+    return gray.floor_().unsqueeze(1)
 
 
 def blend(img1: Tensor, img2: Tensor, ratio: Tensor) -> Tensor:
@@ -61,70 +85,107 @@ def blend(img1: Tensor, img2: Tensor, ratio: Tensor) -> Tensor:
     Returns:
         ``(N, 3, H, W)`` float32 whole numbers.
     """
-    r = _per_sample(ratio, img1)
-    r1 = _per_sample(1.0 - ratio.double(), img1)
-    return (img1 * r).add_(img2 * r1).clamp_(0.0, 255.0).floor_()
+    return _blend_(img1.clone(), img2 * complement(ratio, img1), ratio)
+
+
+def _blend_(img1: Tensor, weighted2: Tensor, ratio: Tensor) -> Tensor:
+    """In place: ``img1 = trunc(clamp(ratio * img1 + weighted2))``, ``weighted2 = (1 - ratio) * img2``."""
+    return img1.mul_(per_sample(ratio, img1)).add_(weighted2).clamp_(0.0, 255.0).floor_()
+
+
+def adjust_brightness_(x: Tensor, factor: Tensor) -> Tensor:
+    """In place: scale intensities by ``factor`` (N,) (blend with black)."""
+    return x.mul_(per_sample(factor, x)).clamp_(0.0, 255.0).floor_()
 
 
 def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
     """Scale intensities by ``factor`` (N,) (blend with black)."""
-    return (x * _per_sample(factor, x)).clamp_(0.0, 255.0).floor_()
+    return adjust_brightness_(x.clone(), factor)
+
+
+def adjust_saturation_(x: Tensor, factor: Tensor) -> Tensor:
+    """In place: blend with the grayscale image; ``factor`` (N,) 0 gives gray, 1 the original."""
+    return _blend_(x, grayscale(x).mul_(complement(factor, x)), factor)
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
     """Blend each image with its grayscale version; ``factor`` (N,) 0 gives gray, 1 the original."""
-    return blend(x, grayscale(x), factor)
+    return adjust_saturation_(x.clone(), factor)
+
+
+def adjust_contrast_(x: Tensor, factor: Tensor) -> Tensor:
+    """In place: blend with the mean of the (truncated) grayscale image; ``factor`` (N,)."""
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
+    return _blend_(x, mean.mul_(complement(factor, x)), factor)
 
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     """Blend each image with the mean of its (truncated) grayscale version; ``factor`` (N,)."""
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
-    return blend(x, mean, factor)
+    return adjust_contrast_(x.clone(), factor)
 
 
-def adjust_sharpness(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend with a smoothed copy (kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded; borders kept).
+def adjust_sharpness_(x: Tensor, factor: Tensor) -> Tensor:
+    """In place: blend with a smoothed copy (kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded; borders kept).
 
     The 3x3 filter is computed as (3x3 box sum + 4 * centre) / 13 with shifted slices instead of a
     convolution; the rounded result equals torchvision's (a sum of whole numbers over 13 is never within
     float error of a .5 tie).
 
     Args:
-        x: ``(N, 3, H, W)`` float32 in [0, 255].
+        x: ``(N, 3, H, W)`` float32 in [0, 255]; overwritten.
         factor: ``(N,)``; 0 gives the smoothed image, 1 the original, 2 a sharpened one.
 
     Returns:
-        ``(N, 3, H, W)`` float32 whole numbers.
+        ``x``.
     """
     if x.shape[-1] <= 2 or x.shape[-2] <= 2:
-        return x.clone()
-    rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]  # (N, 3, H-2, W)
-    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]  # (N, 3, H-2, W-2)
-    smooth = box.add_(x[:, :, 1:-1, 1:-1], alpha=4.0).div_(13.0).round_().clamp_(0.0, 255.0)
-    degenerate = x.clone()
-    degenerate[:, :, 1:-1, 1:-1] = smooth
-    return blend(x, degenerate, factor)
+        return x
+    rows = x[:, :, :-2] + x[:, :, 1:-1]  # (N, 3, H-2, W)
+    rows.add_(x[:, :, 2:])
+    box = rows[..., :-2] + rows[..., 1:-1]  # (N, 3, H-2, W-2)
+    box.add_(rows[..., 2:]).add_(x[:, :, 1:-1, 1:-1], alpha=4.0).div_(13.0).round_().clamp_(0.0, 255.0)
+    r1 = complement(factor, x)
+    weighted = x * r1  # (1 - f) * degenerate, where the degenerate image keeps x on the border
+    weighted[:, :, 1:-1, 1:-1] = box.mul_(r1)
+    return _blend_(x, weighted, factor)
+
+
+def adjust_sharpness(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend with a smoothed copy (see ``adjust_sharpness_``); ``factor`` (N,)."""
+    return adjust_sharpness_(x.clone(), factor)
+
+
+def posterize_(x: Tensor, bits: Tensor) -> Tensor:
+    """In place: keep the ``bits`` (N,) most significant bits of each value (``img & -2**(8-bits)``)."""
+    step = torch.pow(2.0, 8 - per_sample(bits, x, torch.float32))  # (N, 1, 1, 1)
+    return x.div_(step).floor_().mul_(step)
 
 
 def posterize(x: Tensor, bits: Tensor) -> Tensor:
-    """Keep the ``bits`` (N,) most significant bits of each channel value (``img & -2**(8-bits)``)."""
-    step = torch.pow(2.0, 8 - _per_sample(bits, x, torch.float32))  # (N, 1, 1, 1)
-    return torch.floor(x / step).mul_(step)
+    """Keep the ``bits`` (N,) most significant bits of each channel value."""
+    return posterize_(x.clone(), bits)
+
+
+def solarize_(x: Tensor, threshold: Tensor) -> Tensor:
+    """In place: invert every value ``>= threshold`` (N,)."""
+    first = torch.ceil(per_sample(threshold, x))  # smallest whole value that is inverted
+    inverted = (x - first).add_(1.0).clamp_(0.0, 1.0)  # 1.0 where x >= threshold
+    return x.add_(inverted.mul_(x.mul(-2.0).add_(255.0)))
 
 
 def solarize(x: Tensor, threshold: Tensor) -> Tensor:
     """Invert every value ``>= threshold`` (N,)."""
-    return torch.where(x >= _per_sample(threshold, x), 255.0 - x, x)
+    return solarize_(x.clone(), threshold)
 
 
-def autocontrast(x: Tensor) -> Tensor:
-    """Stretch each channel of each image to [0, 255] (constant channels are left unchanged).
+def autocontrast_(x: Tensor) -> Tensor:
+    """In place: stretch each channel of each image to [0, 255] (constant channels unchanged).
 
     Args:
-        x: ``(N, 3, H, W)`` float32 in [0, 255].
+        x: ``(N, 3, H, W)`` float32 in [0, 255]; overwritten.
 
     Returns:
-        ``(N, 3, H, W)`` float32 whole numbers.
+        ``x``.
     """
     lo = x.amin(dim=(2, 3), keepdim=True)  # (N, 3, 1, 1)
     hi = x.amax(dim=(2, 3), keepdim=True)
@@ -132,20 +193,25 @@ def autocontrast(x: Tensor) -> Tensor:
     flat = ~torch.isfinite(scale)
     lo = lo.masked_fill(flat, 0.0)
     scale = scale.masked_fill(flat, 1.0)
-    return ((x - lo) * scale).clamp_(0.0, 255.0).floor_()
+    return x.sub_(lo).mul_(scale).clamp_(0.0, 255.0).floor_()
 
 
-def equalize(x: Tensor) -> Tensor:
-    """Histogram equalisation of each channel of each image, as torchvision's uint8 ``equalize``.
+def autocontrast(x: Tensor) -> Tensor:
+    """Stretch each channel of each image to [0, 255] (constant channels are left unchanged)."""
+    return autocontrast_(x.clone())
+
+
+def equalize_(x: Tensor) -> Tensor:
+    """In place: histogram equalisation of each channel of each image (torchvision's uint8 ``equalize``).
 
     All ``N * 3`` histograms come from one ``scatter_add_`` on offset bin indices; the look-up table is a
     cumulative sum (no sort: the last non-empty bin of a channel is the bin of its maximum value).
 
     Args:
-        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255].
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255], contiguous; overwritten.
 
     Returns:
-        ``(N, 3, H, W)`` float32 whole numbers.
+        ``x``.
     """
     n, c, h, w = x.shape
     values = x.reshape(n * c, h * w).to(torch.int64)  # (N*3, H*W)
@@ -159,58 +225,92 @@ def equalize(x: Tensor) -> Tensor:
     safe = step.clamp(min=1)
     lut = torch.div(hist.cumsum(1) + torch.div(safe, 2, rounding_mode="floor"), safe, rounding_mode="floor")
     lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], dim=1).clamp_(0, 255)  # (N*3, 256)
-    out = torch.where(step == 0, values, lut.gather(1, values))  # (N*3, H*W)
-    return out.view(n, c, h, w).to(x.dtype)
+    identity = torch.arange(256, device=x.device).expand_as(lut)
+    lut = torch.where(step == 0, identity, lut).to(x.dtype)  # channels with step 0 stay unchanged
+    torch.gather(lut, 1, values, out=x.view(n * c, h * w))
+    return x
 
 
-# hue: which of (max, mid, min) each output channel takes in each of the six hue sectors
-_SECTOR_ROLES = ((2, 1, 0, 0, 1, 2), (1, 2, 2, 1, 0, 0), (0, 0, 1, 2, 2, 1))  # [channel][sector]; 2=max 0=min
+def equalize(x: Tensor) -> Tensor:
+    """Histogram equalisation of each channel of each image, as torchvision's uint8 ``equalize``."""
+    return equalize_(x.contiguous().clone())
 
 
-def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
-    """Rotate the hue of each image by ``factor`` (N,) turns in [-0.5, 0.5], via HSV.
+def _flag_(diff: Tensor) -> Tensor:
+    """In place: 1.0 where a whole-number difference ``diff >= 0`` is zero, else 0.0."""
+    return diff.neg_().add_(1.0).clamp_(min=0.0)
+
+
+def adjust_hue_(x: Tensor, factor: Tensor) -> Tensor:
+    """In place: rotate the hue of each image by ``factor`` (N,) turns in [-0.5, 0.5], via HSV.
 
     Follows torchvision's tensor path (``_rgb2hsv``, shift, ``_hsv2rgb``, then ``x * 255.999`` truncated)
-    with the same float32 expressions, but only evaluates what changes: a hue rotation keeps each pixel's
+    with the same float32 values, but only evaluates what changes: a hue rotation keeps each pixel's
     maximum and minimum channel values (they come back unchanged after truncation), so only the middle
     value is recomputed (``q`` or ``t`` of ``_hsv2rgb``) and the three values are routed to R, G, B by the
     new hue sector.
 
     Args:
-        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255].
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255]; overwritten.
         factor: ``(N,)`` hue shifts.
 
     Returns:
-        ``(N, 3, H, W)`` float32 whole numbers.
+        ``x``.
     """
-    img = x / 255.0
-    r, g, b = img.unbind(dim=1)  # (N, H, W) each
-    maxc = img.amax(dim=1)
-    minc = img.amin(dim=1)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc = (maxc - r) / cr_divisor
-    gc = (maxc - g) / cr_divisor
-    bc = (maxc - b) / cr_divisor
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + _per_sample(factor, x).view(-1, 1, 1), 1.0)
+    red, green, blue = x.unbind(dim=1)  # (N, H, W) whole numbers
+    vmax = torch.maximum(red, green)
+    torch.maximum(vmax, blue, out=vmax)
+    vmin = torch.minimum(red, green)
+    torch.minimum(vmin, blue, out=vmin)
+    is_r = _flag_(vmax - red)  # maxc == r
+    is_g = _flag_(vmax - green)  # maxc == g
+    eq = _flag_(vmax - vmin)  # maxc == minc
 
-    h6 = h * 6.0
-    sector = torch.floor(h6)
-    frac = h6 - sector
-    sector = sector.to(torch.int64) % 6  # (N, H, W)
-    odd = (sector % 2) == 1  # q = v (1 - s f) in odd sectors, t = v (1 - s (1 - f)) in even ones
-    mid = (maxc * (1.0 - s * torch.where(odd, frac, 1.0 - frac))).clamp_(0.0, 1.0).mul_(255.999).floor_()
+    # torchvision's _rgb2hsv on x / 255, same expressions
+    maxc = vmax / 255.0
+    cr = torch.div(vmin, 255.0).neg_().add_(maxc)  # maxc - minc
+    s = torch.maximum(maxc, eq)  # maxc, or 1 where maxc == minc (and then cr == 0)
+    torch.div(cr, s, out=s)
+    cr.add_(eq)  # cr_divisor: cr, or 1 where maxc == minc
+    rc = torch.div(red, 255.0).neg_().add_(maxc).div_(cr)
+    gc = torch.div(green, 255.0).neg_().add_(maxc).div_(cr)
+    bc = torch.div(blue, 255.0).neg_().add_(maxc).div_(cr)
+    h = torch.sub(bc, gc).mul_(is_r)  # hr = (maxc == r) * (bc - gc)
+    not_r = is_r.neg_().add_(1.0)
+    w_b = torch.neg(is_g).add_(1.0).mul_(not_r)  # (maxc != g) & (maxc != r)
+    w_g = is_g.mul_(not_r)  # (maxc == g) & (maxc != r)
+    h.add_(torch.add(rc, 2.0).sub_(bc).mul_(w_g))  # + hg
+    h.add_(gc.add_(4.0).sub_(rc).mul_(w_b))  # + hb
+    h.div_(6.0).add_(1.0)
+    floor = torch.floor(h)
+    h.sub_(floor)  # fmod(h, 1) for h in (0, 2)
+    h.add_(per_sample(factor, x).view(-1, 1, 1))
+    h.sub_(torch.floor(h, out=floor))  # (h + factor) % 1
 
-    roles = torch.tensor(_SECTOR_ROLES, dtype=torch.int64, device=x.device)  # (3, 6)
-    role = roles[:, sector]  # (3, N, H, W)
-    vmax = x.amax(dim=1)
-    vmin = x.amin(dim=1)
-    out = torch.where(role == 2, vmax, torch.where(role == 0, vmin, mid))  # (3, N, H, W)
-    return out.transpose(0, 1).contiguous()  # (N, 3, H, W)
+    # torchvision's _hsv2rgb, middle value only
+    h.mul_(6.0)
+    sector = torch.floor(h, out=floor)
+    frac = h.sub_(sector)
+    sector.sub_(torch.sub(sector, 5.0, out=rc).clamp_(0.0, 1.0).mul_(6.0))  # % 6 (h may round up to 1.0)
+    odd = torch.sub(sector, torch.mul(sector, 0.5, out=gc).floor_().mul_(2.0), out=gc)  # 1.0 in odd sectors
+    g_arg = torch.lerp(torch.neg(frac).add_(1.0), frac, odd)  # f in odd sectors (q), 1 - f in even ones (t)
+    mid = g_arg.mul_(s).neg_().add_(1.0).mul_(maxc).clamp_(0.0, 1.0).mul_(255.999).floor_()
+
+    span_max = vmax.sub_(vmin)
+    span_mid = mid.sub_(vmin)
+    for c, shift in enumerate((0.0, 2.0, 4.0)):
+        # red takes the max in sectors 0 and 5, the middle value in 1 and 4, the min in 2 and 3; green and
+        # blue take red's roles two and four sectors later
+        d = torch.sub(sector, shift, out=rc)
+        d.add_(torch.neg(d, out=bc).clamp_(0.0, 1.0).mul_(6.0)).sub_(2.5).abs_()  # 2.5 max, 1.5 mid, 0.5 min
+        w_max = torch.sub(d, 1.5, out=bc).clamp_(0.0, 1.0)
+        w_mid = d.sub_(1.5).abs_().neg_().add_(1.0).clamp_(min=0.0)
+        plane = x[:, c]
+        plane.copy_(vmin)
+        plane.addcmul_(w_max, span_max).addcmul_(w_mid, span_mid)
+    return x
+
+
+def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
+    """Rotate the hue of each image by ``factor`` (N,) turns in [-0.5, 0.5] (see ``adjust_hue_``)."""
+    return adjust_hue_(x.clone(), factor)

@@ -1,0 +1,340 @@
+"""Batched geometric operations: random resized crop, padded random crop, flip, resize, affine warps.
+
+Images are ``(N, 3, H, W)`` float32 batches of whole numbers in [0, 255] (uint8 semantics). Every function
+works on the whole batch with per-sample parameters; random parameters are drawn on the CPU with a
+``torch.Generator`` (``sample_*`` functions) and applied on any device (``resized_crop``, ``pad_crop``,
+``warp_affine``).
+
+How the results relate to torchvision's uint8 tensor ops (``torchvision.transforms.functional``):
+
+- ``resized_crop`` equals ``resized_crop(..., antialias=True)`` followed by ``hflip`` where chosen. When no
+  sample shrinks and the interpolation is bilinear (the 64px recipes: crops of at most 64 pixels resized to
+  64), it runs as one ``grid_sample`` with source coordinates clamped to each crop, the same taps and
+  weights as torchvision's resize; otherwise (bicubic, or a crop larger than the output) it applies
+  torchvision's antialiased separable filter exactly, as two batched matrix products with per-sample
+  weight matrices. Either way the result is rounded like torchvision's cast back to uint8; float rounding
+  of the weights can move a value that lies on a .5 tie by one level.
+- ``warp_affine`` with the matrices of ``randaugment_affine`` equals torchvision's ``affine`` / ``rotate``
+  on tensors (same grid, same ``grid_sample``, fill 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CropBoxes",
+    "pad_crop",
+    "randaugment_affine",
+    "resize",
+    "resized_crop",
+    "sample_pad_crop",
+    "sample_resized_crop",
+    "warp_affine",
+]
+
+
+@dataclass
+class CropBoxes:
+    """Per-sample crop boxes, int64 CPU tensors of shape ``(N,)``: ``top``, ``left``, ``height``, ``width``.
+
+    For a padded crop, ``top`` and ``left`` are in padded coordinates and may exceed the image.
+    """
+
+    top: Tensor
+    left: Tensor
+    height: Tensor
+    width: Tensor
+
+
+def _randint(high: Tensor, generator: torch.Generator) -> Tensor:
+    """Uniform integers in ``[0, high)`` (elementwise ``high`` (N,) int64 >= 1), like ``torch.randint``."""
+    u = torch.rand(high.shape, generator=generator, dtype=torch.float64)
+    return torch.minimum((u * high).floor().to(torch.int64), high - 1)
+
+
+def sample_resized_crop(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    attempts: int = 10,
+) -> CropBoxes:
+    """Crop boxes drawn as ``torchvision.transforms.RandomResizedCrop.get_params``, for ``n`` samples at once.
+
+    Each sample tries ``attempts`` (area fraction, log-aspect) pairs and keeps the first that fits; samples
+    where none fits fall back to the central crop clamped to the ratio range, as torchvision does.
+
+    Args:
+        n: number of samples.
+        height, width: source image size.
+        scale: range of the crop area as a fraction of the image area.
+        ratio: range of the crop aspect ratio (width / height), sampled log-uniformly.
+        generator: CPU generator.
+        attempts: tries per sample.
+
+    Returns:
+        CropBoxes with CPU int64 tensors of shape ``(n,)``.
+    """
+    area = float(height * width)
+    target = area * (
+        scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=generator, dtype=torch.float64)
+    )
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * torch.rand(n, attempts, generator=generator, dtype=torch.float64))
+    w = torch.round(torch.sqrt(target * aspect)).to(torch.int64)  # (n, attempts)
+    h = torch.round(torch.sqrt(target / aspect)).to(torch.int64)
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.to(torch.int64).argmax(dim=1, keepdim=True)  # (n, 1): first fitting attempt
+    found = ok.any(dim=1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, fw)
+    h = torch.where(found, h, fh)
+    top = _randint(height - h + 1, generator)
+    left = _randint(width - w + 1, generator)
+    top = torch.where(found, top, (height - fh) // 2)
+    left = torch.where(found, left, (width - fw) // 2)
+    return CropBoxes(top=top, left=left, height=h, width=w)
+
+
+def sample_pad_crop(
+    n: int, height: int, width: int, out_hw: tuple[int, int], padding: int, generator: torch.Generator
+) -> CropBoxes:
+    """Offsets of ``RandomCrop(out_hw, padding=padding)`` (zero padding) for ``n`` samples.
+
+    Args:
+        n: number of samples.
+        height, width: image size before padding.
+        out_hw: crop size; at most the padded size.
+        padding: pixels of zero padding on every side.
+        generator: CPU generator.
+
+    Returns:
+        CropBoxes in padded coordinates, each of size ``out_hw``.
+    """
+    oh, ow = out_hw
+    ph, pw = height + 2 * padding, width + 2 * padding
+    if oh > ph or ow > pw:
+        raise ValueError(f"crop size {out_hw} is larger than the padded image ({ph}, {pw})")
+    top = _randint(torch.full((n,), ph - oh + 1, dtype=torch.int64), generator)
+    left = _randint(torch.full((n,), pw - ow + 1, dtype=torch.int64), generator)
+    return CropBoxes(top=top, left=left, height=torch.full((n,), oh), width=torch.full((n,), ow))
+
+
+def _filter(d: Tensor, interpolation: str) -> Tensor:
+    """Interpolation kernel of torchvision's antialiased resize (triangle, or cubic with a = -0.5)."""
+    d = d.abs()
+    if interpolation == "bilinear":
+        return (1.0 - d).clamp_(min=0.0)
+    a = -0.5
+    near = ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
+    far = (((d - 5.0) * d + 8.0) * d - 4.0) * a
+    return torch.where(d < 1.0, near, torch.where(d < 2.0, far, torch.zeros_like(d)))
+
+
+def _resample_weights(
+    start: Tensor, length: Tensor, in_size: int, out_size: int, interpolation: str, flip: Tensor | None
+) -> Tensor:
+    """Per-sample 1-D antialiased resampling matrices of a crop, as PyTorch's ``antialias=True`` kernels.
+
+    Args:
+        start: ``(N,)`` first source index of the crop (the crop lies inside the image).
+        length: ``(N,)`` crop length.
+        in_size: full source length.
+        out_size: output length.
+        interpolation: 'bilinear' or 'bicubic'.
+        flip: ``(N,)`` bool; reverse the output axis where True.
+
+    Returns:
+        ``(N, out_size, in_size)`` float32 weights, rows summing to 1 over the crop.
+    """
+    half = 1.0 if interpolation == "bilinear" else 2.0
+    scale = (length.double() / out_size).unsqueeze(1)  # (N, 1)
+    support = torch.where(scale >= 1.0, half * scale, torch.full_like(scale, half))
+    invscale = torch.where(scale >= 1.0, 1.0 / scale, torch.ones_like(scale))
+    center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)  # (N, out)
+    lo = torch.trunc(center - support + 0.5).clamp(min=0.0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), length.double().unsqueeze(1))
+    rel = torch.arange(in_size, dtype=torch.float64) - start.double().unsqueeze(1)  # (N, in)
+    rel = rel.unsqueeze(1)  # (N, 1, in)
+    weights = _filter(
+        (rel - center.unsqueeze(2) + 0.5) * invscale.unsqueeze(2), interpolation
+    )  # (N, out, in)
+    weights = weights * ((rel >= lo.unsqueeze(2)) & (rel < hi.unsqueeze(2)))
+    weights = weights / weights.sum(dim=2, keepdim=True).clamp(min=1e-12)
+    if flip is not None:
+        weights = torch.where(flip.view(-1, 1, 1), weights.flip(1), weights)
+    return weights.to(torch.float32)
+
+
+def _clamped_grid(boxes: CropBoxes, flip: Tensor, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
+    """``grid_sample`` grid of a bilinear, non-shrinking resized crop: ``(N, oh, ow, 2)`` float32."""
+    coords = []
+    for start, length, size, out, rev in (
+        (boxes.left, boxes.width, in_hw[1], out_hw[1], flip),
+        (boxes.top, boxes.height, in_hw[0], out_hw[0], None),
+    ):
+        idx = torch.arange(out, dtype=torch.float64).expand(len(start), out)  # (N, out)
+        if rev is not None:
+            idx = torch.where(rev.unsqueeze(1), out - 1 - idx, idx)
+        src = (idx + 0.5) * (length.double() / out).unsqueeze(1) - 0.5
+        src = torch.minimum(src.clamp(min=0.0), (length - 1).double().unsqueeze(1)) + start.unsqueeze(1)
+        coords.append(((2.0 * src + 1.0) / size - 1.0).to(torch.float32))
+    gx, gy = coords  # (N, ow), (N, oh)
+    n, (oh, ow) = len(gx), out_hw
+    return torch.stack([gx.unsqueeze(1).expand(n, oh, ow), gy.unsqueeze(2).expand(n, oh, ow)], dim=3)
+
+
+def resized_crop(
+    x: Tensor, boxes: CropBoxes, flip: Tensor, out_hw: tuple[int, int], interpolation: str = "bilinear"
+) -> Tensor:
+    """Crop each sample's box, resize it to ``out_hw`` and mirror it where ``flip``.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255].
+        boxes: CPU crop boxes, ``(N,)`` each (inside the image).
+        flip: ``(N,)`` bool CPU tensor.
+        out_hw: output (height, width).
+        interpolation: 'bilinear' or 'bicubic'.
+
+    Returns:
+        ``(N, 3, oh, ow)`` float32 whole numbers in [0, 255].
+    """
+    h, w = x.shape[-2:]
+    oh, ow = out_hw
+    shrinks = bool((boxes.height > oh).any() or (boxes.width > ow).any())
+    if interpolation == "bilinear" and not shrinks:
+        grid = _clamped_grid(boxes, flip, (h, w), out_hw).to(x.device)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.round_().clamp_(0.0, 255.0)
+    wy = _resample_weights(boxes.top, boxes.height, h, oh, interpolation, None).to(x.device)  # (N, oh, H)
+    wx = _resample_weights(boxes.left, boxes.width, w, ow, interpolation, flip).to(x.device)  # (N, ow, W)
+    out = torch.matmul(torch.matmul(wy.unsqueeze(1), x), wx.transpose(1, 2).unsqueeze(1))  # (N, 3, oh, ow)
+    return out.clamp_(0.0, 255.0).round_()
+
+
+def pad_crop(x: Tensor, boxes: CropBoxes, flip: Tensor, padding: int) -> Tensor:
+    """``RandomCrop(size, padding)`` with zero fill, then mirror where ``flip``; whole batch by gathers.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32.
+        boxes: CPU boxes from ``sample_pad_crop`` (padded coordinates, all the same size).
+        flip: ``(N,)`` bool CPU tensor.
+        padding: zero padding used when drawing the boxes.
+
+    Returns:
+        ``(N, 3, oh, ow)`` float32.
+    """
+    n, c, _, w = x.shape
+    oh, ow = int(boxes.height[0]), int(boxes.width[0])
+    padded = F.pad(x, (padding, padding, padding, padding))  # (N, 3, H+2p, W+2p)
+    rows = boxes.top.unsqueeze(1) + torch.arange(oh)  # (N, oh)
+    cols = torch.arange(ow).expand(n, ow)
+    cols = torch.where(flip.unsqueeze(1), ow - 1 - cols, cols) + boxes.left.unsqueeze(1)  # (N, ow)
+    rows = rows.to(x.device).view(n, 1, oh, 1).expand(n, c, oh, w + 2 * padding)
+    cols = cols.to(x.device).view(n, 1, 1, ow).expand(n, c, oh, ow)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+def resize(x: Tensor, out_hw: tuple[int, int], interpolation: str = "bilinear") -> Tensor:
+    """Resize a whole batch (torchvision ``resize`` on uint8: antialiased, rounded).
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255].
+        out_hw: output (height, width).
+        interpolation: 'bilinear' or 'bicubic'.
+
+    Returns:
+        ``(N, 3, oh, ow)`` float32 whole numbers (``x`` itself when the size already matches).
+    """
+    if tuple(x.shape[-2:]) == tuple(out_hw):
+        return x
+    out = F.interpolate(x, size=out_hw, mode=interpolation, align_corners=False, antialias=True)
+    return out.clamp_(0.0, 255.0).round_()
+
+
+def randaugment_affine(ops: str | Sequence[str], magnitude: Tensor, height: int, width: int) -> Tensor:
+    """Inverse affine matrices of RandAugment's geometric ops, as torchvision builds them for tensors.
+
+    Args:
+        ops: one op name for all samples, or one per sample: 'ShearX', 'ShearY', 'TranslateX',
+            'TranslateY', 'Rotate'.
+        magnitude: ``(N,)`` signed magnitudes as passed to torchvision's ``_apply_op`` (shear factor,
+            pixels, or degrees).
+        height, width: image size.
+
+    Returns:
+        ``(N, 2, 3)`` float32 CPU matrices mapping centred output pixel coordinates to input coordinates.
+    """
+    m = magnitude.double()
+    names = [ops] * len(m) if isinstance(ops, str) else list(ops)
+    unknown = set(names) - {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
+    if unknown or len(names) != len(m):
+        raise ValueError(
+            f"randaugment_affine: expected {len(m)} geometric op names, got {sorted(unknown) or names}"
+        )
+
+    def pick(name: str, value: Tensor) -> Tensor:
+        mask = torch.tensor([n == name for n in names], dtype=torch.bool)
+        return torch.where(mask, value, torch.zeros_like(m))
+
+    shear = torch.rad2deg(torch.atan(m))
+    shx, shy = pick("ShearX", shear), pick("ShearY", shear)
+    tx, ty = pick("TranslateX", torch.trunc(m)), pick("TranslateY", torch.trunc(m))
+    angle = pick("Rotate", -m)
+    sheared = torch.tensor([n in ("ShearX", "ShearY") for n in names], dtype=torch.float64)
+    cx, cy = sheared * (-width * 0.5), sheared * (-height * 0.5)  # shears use centre [0, 0] (top left)
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shx), torch.deg2rad(shy)
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -torch.cos(rot - sy) * torch.tan(sx) / torch.cos(sy) - torch.sin(rot)
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
+    m0, m1, m3, m4 = d, -b, -c, a
+    m2 = m0 * (-cx - tx) + m1 * (-cy - ty) + cx
+    m5 = m3 * (-cx - tx) + m4 * (-cy - ty) + cy
+    return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(-1, 2, 3).to(torch.float32)
+
+
+def warp_affine(x: Tensor, theta: Tensor, interpolation: str = "nearest") -> Tensor:
+    """Warp each sample by its inverse affine matrix, fill 0 (torchvision's tensor ``affine``).
+
+    The sampling grid is torchvision's (pixel centres relative to the image centre, mapped by ``theta``
+    and divided by half the image size), computed by broadcasting instead of a batched matrix product;
+    the two can differ in the last bit, which moves a nearest-neighbour sample only on an exact tie.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255].
+        theta: ``(N, 2, 3)`` float32 matrices from ``randaugment_affine`` (any device).
+        interpolation: 'nearest' or 'bilinear' (rounded back to whole numbers).
+
+    Returns:
+        ``(N, 3, H, W)`` float32.
+    """
+    n, _, h, w = x.shape
+    half = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=x.device)
+    rescaled = theta.to(x.device).transpose(1, 2) / half  # (N, 3, 2)
+    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=x.device).view(1, 1, w, 1)
+    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=x.device).view(1, h, 1, 1)
+    row_x = xs * rescaled[:, 0].view(n, 1, 1, 2)  # (N, 1, W, 2)
+    row_x.add_(rescaled[:, 2].view(n, 1, 1, 2))
+    col_y = ys * rescaled[:, 1].view(n, 1, 1, 2)  # (N, H, 1, 2)
+    grid = row_x + col_y  # (N, H, W, 2)
+    out = F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
+    return out if interpolation == "nearest" else out.round_()

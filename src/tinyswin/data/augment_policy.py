@@ -1,0 +1,327 @@
+"""RandAugment and ColorJitter for whole batches, each sample with its own ops, magnitudes and order.
+
+Parameters are drawn on the CPU with a ``torch.Generator`` (``sample_*``) with the distributions of
+``torchvision.transforms.RandAugment`` and ``ColorJitter``; the ops are then applied to a float batch of
+whole numbers in [0, 255] (uint8 semantics, see ``augment_ops``) on any device. The Python loops run over
+op kinds and op slots, never over samples: for each slot, the samples that drew one op are gathered,
+transformed together and written back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tinyswin.data import augment_ops as ops
+from tinyswin.data.augment_geometry import randaugment_affine, warp_affine
+
+__all__ = [
+    "COLOR_JITTER_OPS",
+    "RANDAUGMENT_OPS",
+    "ColorJitterParams",
+    "RandAugmentParams",
+    "apply_randaugment_op",
+    "color_jitter_",
+    "randaugment_",
+    "randaugment_values",
+    "sample_color_jitter",
+    "sample_randaugment",
+]
+
+# torchvision's RandAugment augmentation space, in its order
+RANDAUGMENT_OPS = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)
+_SIGNED = frozenset(RANDAUGMENT_OPS[1:10])
+_GEOMETRIC = frozenset(RANDAUGMENT_OPS[1:6])
+COLOR_JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+@dataclass
+class RandAugmentParams:
+    """Per-sample RandAugment draws (CPU tensors).
+
+    Attributes:
+        ops: ``(N, num_ops)`` int64 indices into ``RANDAUGMENT_OPS``, applied left to right.
+        magnitudes: ``(N, num_ops)`` float64 magnitude bins (fractional when a magnitude std is set).
+        values: ``(N, num_ops)`` float64 signed op arguments, as torchvision's ``_apply_op`` receives them
+            (shear factor, translation in pixels, degrees, enhancement offset, bits, threshold).
+    """
+
+    ops: Tensor
+    magnitudes: Tensor
+    values: Tensor
+
+
+def randaugment_values(op: str, magnitude: Tensor, num_bins: int, height: int, width: int) -> Tensor:
+    """Unsigned op arguments for magnitude bins, from torchvision's ``_augmentation_space``.
+
+    Whole bins give exactly torchvision's float32 table entries; fractional bins (magnitude std)
+    interpolate linearly between neighbouring entries (posterize: bits from the rounded formula).
+
+    Args:
+        op: name from ``RANDAUGMENT_OPS``.
+        magnitude: ``(N,)`` float64 bins in ``[0, num_bins - 1]``.
+        num_bins: number of magnitude bins.
+        height, width: image size (translations scale with it).
+
+    Returns:
+        ``(N,)`` float64 values.
+    """
+    if op == "Posterize":
+        bits = 8 - (magnitude.to(torch.float32) / ((num_bins - 1) / 4)).round().to(torch.int64)
+        return bits.double()
+    tops = {
+        "ShearX": (0.0, 0.3),
+        "ShearY": (0.0, 0.3),
+        "TranslateX": (0.0, 150.0 / 331.0 * width),
+        "TranslateY": (0.0, 150.0 / 331.0 * height),
+        "Rotate": (0.0, 30.0),
+        "Brightness": (0.0, 0.9),
+        "Color": (0.0, 0.9),
+        "Contrast": (0.0, 0.9),
+        "Sharpness": (0.0, 0.9),
+        "Solarize": (255.0, 0.0),
+    }
+    if op not in tops:
+        return torch.zeros_like(magnitude)
+    table = torch.linspace(*tops[op], num_bins).double()  # float32 entries, as torchvision's table
+    lo = magnitude.floor().clamp(0, num_bins - 1).to(torch.int64)
+    hi = (lo + 1).clamp(max=num_bins - 1)
+    frac = magnitude - lo.double()
+    return table[lo] + frac * (table[hi] - table[lo])
+
+
+def sample_randaugment(
+    n: int,
+    num_ops: int,
+    magnitude: float,
+    num_bins: int,
+    magnitude_std: float,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+) -> RandAugmentParams:
+    """Draw RandAugment ops, magnitudes and signs for ``n`` samples.
+
+    Each sample draws ``num_ops`` ops uniformly from the 14 (with replacement, as torchvision) and, for
+    signed ops, a sign with probability 1/2. With ``magnitude_std > 0`` each op draws its bin from
+    ``N(magnitude, magnitude_std)`` clipped to ``[0, num_bins - 1]`` (timm's ``mstd``); ``inf`` draws it
+    uniformly from ``[0, magnitude]``.
+
+    Args:
+        n: number of samples.
+        num_ops: ops per sample.
+        magnitude: magnitude bin.
+        num_bins: number of bins.
+        magnitude_std: std of the magnitude bin per op (0 = fixed).
+        height, width: image size.
+        generator: CPU generator.
+
+    Returns:
+        RandAugmentParams.
+    """
+    op_idx = torch.randint(len(RANDAUGMENT_OPS), (n, num_ops), generator=generator)
+    negate = torch.randint(2, (n, num_ops), generator=generator).bool()
+    mags = torch.full((n, num_ops), float(magnitude), dtype=torch.float64)
+    if math.isinf(magnitude_std):
+        mags = mags * torch.rand(n, num_ops, generator=generator, dtype=torch.float64)
+    elif magnitude_std > 0:
+        mags = mags + magnitude_std * torch.randn(n, num_ops, generator=generator, dtype=torch.float64)
+    mags = mags.clamp(0.0, num_bins - 1)
+    values = torch.zeros(n, num_ops, dtype=torch.float64)
+    for k, name in enumerate(RANDAUGMENT_OPS):
+        chosen = op_idx == k
+        if chosen.any():
+            v = randaugment_values(name, mags[chosen], num_bins, height, width)
+            if name in _SIGNED:
+                v = torch.where(negate[chosen], -v, v)
+            values[chosen] = v
+    return RandAugmentParams(ops=op_idx, magnitudes=mags, values=values)
+
+
+def apply_randaugment_op(x: Tensor, op: str, values: Tensor, interpolation: str = "nearest") -> Tensor:
+    """One RandAugment op on every sample of ``x`` with per-sample arguments.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255].
+        op: name from ``RANDAUGMENT_OPS``.
+        values: ``(N,)`` float64 signed arguments (``RandAugmentParams.values``).
+        interpolation: 'nearest' (torchvision's default) or 'bilinear' for the geometric ops.
+
+    Returns:
+        ``(N, 3, H, W)`` float32 whole numbers (a new tensor).
+    """
+    if op in _GEOMETRIC:
+        return warp_affine(x, randaugment_affine(op, values, x.shape[-2], x.shape[-1]), interpolation)
+    return _apply_pixel_op_(x.clone(), op, values)
+
+
+def _apply_pixel_op_(x: Tensor, op: str, values: Tensor) -> Tensor:
+    """In place: a non-geometric RandAugment op with per-sample arguments ``values`` (N,)."""
+    if op == "Brightness":
+        return ops.adjust_brightness_(x, 1.0 + values)
+    if op == "Color":
+        return ops.adjust_saturation_(x, 1.0 + values)
+    if op == "Contrast":
+        return ops.adjust_contrast_(x, 1.0 + values)
+    if op == "Sharpness":
+        return ops.adjust_sharpness_(x, 1.0 + values)
+    if op == "Posterize":
+        return ops.posterize_(x, values.to(torch.int64))
+    if op == "Solarize":
+        return ops.solarize_(x, values)
+    if op == "AutoContrast":
+        return ops.autocontrast_(x)
+    if op == "Equalize":
+        return ops.equalize_(x)
+    if op == "Identity":
+        return x
+    raise ValueError(f"unknown RandAugment op {op!r}; expected one of {RANDAUGMENT_OPS}")
+
+
+def _groups(column: Tensor, count: int):
+    """Yield ``(k, cpu_indices)`` for each value ``k`` in ``range(count)`` present in ``column`` (N,)."""
+    order = torch.argsort(column, stable=True)
+    counts = torch.bincount(column, minlength=count).tolist()
+    start = 0
+    for k, c in enumerate(counts):
+        if c:
+            yield k, order[start : start + c]
+        start += c
+
+
+def randaugment_(x: Tensor, params: RandAugmentParams, interpolation: str = "nearest") -> Tensor:
+    """Apply each sample's RandAugment ops in order, in place.
+
+    For each op slot, the samples that drew a geometric op are warped together (one ``grid_sample`` with
+    per-sample matrices), and the samples of each pixel op are gathered, transformed and written back.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255]; overwritten with the result.
+        params: draws from ``sample_randaugment`` for these N samples.
+        interpolation: 'nearest' or 'bilinear' for the geometric ops.
+
+    Returns:
+        ``x``.
+    """
+    height, width = x.shape[-2:]
+    geometric = torch.tensor([name in _GEOMETRIC for name in RANDAUGMENT_OPS])
+    for slot in range(params.ops.shape[1]):
+        column = params.ops[:, slot]
+        idx = geometric[column].nonzero().squeeze(1)
+        if idx.numel():
+            names = [RANDAUGMENT_OPS[k] for k in column[idx].tolist()]
+            theta = randaugment_affine(names, params.values[idx, slot], height, width)
+            dev_idx = idx.to(x.device)
+            x.index_copy_(0, dev_idx, warp_affine(x.index_select(0, dev_idx), theta, interpolation))
+        for k, idx in _groups(column, len(RANDAUGMENT_OPS)):
+            name = RANDAUGMENT_OPS[k]
+            if name == "Identity" or name in _GEOMETRIC:
+                continue
+            dev_idx = idx.to(x.device)
+            x.index_copy_(
+                0, dev_idx, _apply_pixel_op_(x.index_select(0, dev_idx), name, params.values[idx, slot])
+            )
+    return x
+
+
+@dataclass
+class ColorJitterParams:
+    """Per-sample ColorJitter draws (CPU tensors).
+
+    Attributes:
+        order: ``(N, 4)`` int64, a permutation of ``COLOR_JITTER_OPS`` indices per sample.
+        factors: ``(N, 4)`` float64 brightness, contrast, saturation factors and hue shift.
+        enabled: which of the four ops are on (torchvision skips an op whose range is degenerate).
+    """
+
+    order: Tensor
+    factors: Tensor
+    enabled: tuple[bool, bool, bool, bool]
+
+
+def sample_color_jitter(
+    n: int, brightness: float, contrast: float, saturation: float, hue: float, generator: torch.Generator
+) -> ColorJitterParams:
+    """Draw ``ColorJitter(brightness, contrast, saturation, hue)`` parameters for ``n`` samples.
+
+    Factors are uniform in ``[max(0, 1 - v), 1 + v]`` (hue shift in ``[-hue, hue]``); each sample's op
+    order is a uniform random permutation, as ``ColorJitter.get_params``.
+
+    Args:
+        n: number of samples.
+        brightness, contrast, saturation: jitter strengths (0 = off).
+        hue: hue jitter in [0, 0.5] (0 = off).
+        generator: CPU generator.
+
+    Returns:
+        ColorJitterParams.
+    """
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)
+    u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
+    lows = torch.tensor(
+        [max(0.0, 1.0 - brightness), max(0.0, 1.0 - contrast), max(0.0, 1.0 - saturation), -hue]
+    )
+    highs = torch.tensor([1.0 + brightness, 1.0 + contrast, 1.0 + saturation, hue])
+    factors = lows.double() + (highs - lows).double() * u  # (n, 4)
+    enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+    return ColorJitterParams(order=order, factors=factors, enabled=enabled)
+
+
+def color_jitter_(x: Tensor, params: ColorJitterParams) -> Tensor:
+    """Apply each sample's colour jitter in its own op order, in place.
+
+    Brightness, contrast and saturation are all blends ``f * x + (1 - f) * D`` (D: black, the mean gray
+    level, the gray image), so each of the four steps runs one blend over the whole batch with per-sample
+    factors and per-sample choice of D (samples whose step is hue or a disabled op get ``f = 1`` and
+    ``D = 0``, an exact no-op); the samples whose step is hue are then gathered and hue-shifted. Results
+    equal torchvision's ops applied one by one.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255]; overwritten with the result.
+        params: draws from ``sample_color_jitter`` for these N samples.
+
+    Returns:
+        ``x``.
+    """
+    if not any(params.enabled):
+        return x
+    n = x.shape[0]
+    enabled = torch.tensor(params.enabled)
+    for step in range(4):
+        op = params.order[:, step]  # (N,)
+        active = enabled[op]
+        is_blend = active & (op < 3)
+        if bool(is_blend.any()):
+            factor = torch.where(
+                is_blend, params.factors[torch.arange(n), op], torch.ones(n, dtype=torch.float64)
+            )
+            use_mean = (is_blend & (op == 1)).to(torch.float32).to(x.device).view(n, 1, 1, 1)
+            use_gray = (is_blend & (op == 2)).to(torch.float32).to(x.device).view(n, 1, 1, 1)
+            gray = ops.grayscale(x)  # (N, 1, H, W)
+            mean = gray.mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
+            degenerate = gray.mul_(use_gray).add_(mean.mul_(use_mean))  # black, mean gray or gray, per sample
+            x.mul_(ops.per_sample(factor, x)).add_(degenerate.mul_(ops.complement(factor, x)))
+            x.clamp_(0.0, 255.0).floor_()
+        hue = (active & (op == 3)).nonzero().squeeze(1)
+        if hue.numel():
+            dev_idx = hue.to(x.device)
+            x.index_copy_(0, dev_idx, ops.adjust_hue_(x.index_select(0, dev_idx), params.factors[hue, 3]))
+    return x
