@@ -10,7 +10,7 @@ the patch size and the patch merges allow works.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -427,6 +427,86 @@ def window_mask(size: IntPair, geometry: WindowGeometry) -> torch.Tensor | None:
     return mask.unsqueeze(1)  # (nW, 1, N, N)
 
 
+def window_token_order(geometry: WindowGeometry) -> torch.Tensor | None:
+    """Order in which windows read the tokens of the padded map, after the cyclic shift.
+
+    Args:
+        geometry: The block's geometry.
+
+    Returns:
+        (Hp * Wp,) int64 permutation: position t of the windowed sequence (window-major, row-major inside a
+        window) holds token `order[t]` of the padded (Hp, Wp) map, flattened row-major. None when windowing
+        leaves the order unchanged (one window, no shift).
+    """
+    hp, wp = geometry.padded
+    tokens = torch.arange(hp * wp).view(1, hp, wp, 1)  # (1, Hp, Wp, 1)
+    if geometry.shift != (0, 0):
+        tokens = torch.roll(tokens, shifts=(-geometry.shift[0], -geometry.shift[1]), dims=(1, 2))
+    order = window_partition(tokens, geometry.window).flatten()  # (Hp*Wp,)
+    if torch.equal(order, torch.arange(hp * wp)):
+        return None
+    return order
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """index_select along the token axis, with the inverse permutation as its backward (a gather, not a
+    scatter-add)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, order)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.inverse = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def]
+        return grad.index_select(1, ctx.inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Reorder tokens: out[:, t] = x[:, order[t]].
+
+    Args:
+        x: (B, L, C).
+        order: (L,) int64 permutation.
+        inverse: (L,) its inverse, used by the backward pass.
+
+    Returns:
+        (B, L, C).
+    """
+    return _PermuteTokens.apply(x, order, inverse)
+
+
+class BlockPlan(NamedTuple):
+    """Everything a block derives from the size of its input map (cached per size and device)."""
+
+    geometry: WindowGeometry
+    index: torch.Tensor  # (N, N) relative position index into the block's table
+    mask: torch.Tensor | None  # (nW, 1, N, N) shift/padding mask, or None
+    order: torch.Tensor | None  # (Hp*Wp,) token order of the windows, or None if unchanged
+    inverse: torch.Tensor | None  # (Hp*Wp,) inverse of order
+
+
+def block_plan(
+    size: IntPair, table_window: IntPair, shifted: bool, shift_full_window: bool, device: torch.device
+) -> BlockPlan:
+    """The BlockPlan of a block for a feature map of `size` tokens, with tensors on `device`."""
+    geo = block_geometry(size, table_window, shifted, shift_full_window)
+    index = relative_position_index(geo.window, table_window)
+    mask = window_mask(size, geo)
+    order = window_token_order(geo)
+    inverse = None if order is None else torch.argsort(order)
+    return BlockPlan(
+        geo,
+        index.to(device),
+        None if mask is None else mask.to(device),
+        None if order is None else order.to(device),
+        None if inverse is None else inverse.to(device),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------
@@ -451,8 +531,41 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask.div_(keep)
 
 
+def add_residual(
+    x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], p: float, training: bool
+) -> torch.Tensor:
+    """x + drop_path(branch(x)), computing the branch only for the samples that stochastic depth keeps.
+
+    Each sample is kept with probability 1 - p and its branch output scaled by 1 / (1 - p), as
+    `drop_path`; the branch must treat samples independently (true of every Swin block branch). On the
+    CPU, outside torch.compile, dropped samples are not computed at all, which saves a fraction p of the
+    branch's work; elsewhere the branch runs on the whole batch and is masked (`drop_path`), which keeps
+    shapes static and avoids a device sync.
+
+    Args:
+        x: (B, ...) input of the residual block.
+        branch: Residual branch, (b, ...) -> (b, ...) for any b.
+        p: Drop probability.
+        training: Without it, x + branch(x).
+
+    Returns:
+        (B, ...).
+    """
+    if not training or p == 0.0:
+        return x + branch(x)
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return x + drop_path(branch(x), p, training)
+    keep = 1.0 - p
+    kept = (torch.rand(x.shape[0]) < keep).nonzero().squeeze(1)  # (b,) indices of kept samples
+    if kept.numel() == x.shape[0]:
+        return torch.add(x, branch(x), alpha=1.0 / keep)
+    if kept.numel() == 0:
+        return x
+    return torch.index_add(x, 0, kept, branch(x.index_select(0, kept)), alpha=1.0 / keep)
+
+
 class DropPath(nn.Module):
-    """Module form of `drop_path`."""
+    """Module form of `drop_path`; SwinBlock reads its rate to call `add_residual`."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -522,27 +635,29 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention within each window.
 
+        The windows of all images are attended as a batch of nW * heads sequences groups, each holding
+        B sequences; so the relative position bias and the mask, folded into one (nW * heads, 1, N, N) float
+        mask, broadcast over the images without being copied per image.
+
         Args:
-            x: (B * nW, N, C) windows, nW per image.
+            x: (B, nW, N, C) windows, nW per image.
             index: (N, N) relative position index.
             mask: (nW, 1, N, N) additive shift/padding mask, or None.
 
         Returns:
-            (B * nW, N, C).
+            (B, nW, N, C).
         """
-        bw, n, c = x.shape
+        b, nw, n, c = x.shape
         heads = self.num_heads
-        qkv = self.qkv(x).view(bw, n, 3, heads, c // heads)  # (B*nW, N, 3, heads, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nW, heads, N, d)
-        attn_mask = self.relative_bias(index)  # (heads, N, N)
-        if mask is not None:
-            nw = mask.shape[0]
-            attn_mask = attn_mask + mask  # (nW, heads, N, N)
-            # (B, nW, heads, N, N) -> (B*nW, heads, N, N)
-            attn_mask = attn_mask.expand(bw // nw, nw, heads, n, n).reshape(bw, heads, n, n)
-        out = window_attention(q, k, v, attn_mask.to(q.dtype), self.fused)  # (B*nW, heads, N, d)
-        out = out.transpose(1, 2).reshape(bw, n, c)  # (B*nW, N, C)
-        return self.proj(out)
+        qkv = self.qkv(x).view(b, nw, n, 3, heads, c // heads)  # (B, nW, N, 3, heads, d)
+        # (3, nW, heads, B, N, d) -> (3, nW*heads, B, N, d): one copy, then contiguous q, k, v
+        q, k, v = qkv.permute(3, 1, 4, 0, 2, 5).reshape(3, nw * heads, b, n, c // heads).unbind(0)
+        bias = self.relative_bias(index)  # (heads, N, N)
+        attn_mask = bias + mask if mask is not None else bias.expand(nw, heads, n, n)  # (nW, heads, N, N)
+        attn_mask = attn_mask.reshape(nw * heads, 1, n, n).to(q.dtype)  # (nW*heads, 1, N, N)
+        out = window_attention(q, k, v, attn_mask, self.fused)  # (nW*heads, B, N, d)
+        out = out.view(nw, heads, b, n, c // heads).permute(2, 0, 3, 1, 4)  # (B, nW, N, heads, d)
+        return self.proj(out.reshape(b, nw, n, c))  # (B, nW, N, C)
 
 
 class Mlp(nn.Module):
@@ -591,41 +706,47 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path_rate)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self._cache: dict[tuple, tuple[WindowGeometry, torch.Tensor, torch.Tensor | None]] = {}
+        self._plans: dict[tuple[IntPair, torch.device], BlockPlan] = {}
 
-    def geometry(
-        self, size: IntPair, device: torch.device
-    ) -> tuple[WindowGeometry, torch.Tensor, torch.Tensor | None]:
-        """Geometry, relative position index (N, N) and mask (nW, 1, N, N) or None at a map size, cached."""
+    def plan(self, size: IntPair, device: torch.device) -> BlockPlan:
+        """The block's BlockPlan for a (H, W) map on `device`, cached."""
         key = (size, device)
-        if key not in self._cache:
-            geo = block_geometry(size, self.attn.table_window, self.shifted, self.shift_full_window)
-            index = relative_position_index(geo.window, self.attn.table_window).to(device)
-            mask = window_mask(size, geo)
-            self._cache[key] = (geo, index, None if mask is None else mask.to(device))
-        return self._cache[key]
+        if key not in self._plans:
+            self._plans[key] = block_plan(
+                size, self.attn.table_window, self.shifted, self.shift_full_window, device
+            )
+        return self._plans[key]
 
-    def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w, _ = x.shape
-        geo, index, mask = self.geometry((h, w), x.device)
-        pad_h, pad_w = geo.padded[0] - h, geo.padded[1] - w
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C), padded before the shift
-        if geo.shift != (0, 0):
-            x = torch.roll(x, shifts=(-geo.shift[0], -geo.shift[1]), dims=(1, 2))
-        windows = window_partition(x, geo.window)  # (B*nW, N, C)
-        windows = self.attn(windows, index, mask)  # (B*nW, N, C)
-        x = window_reverse(windows, geo.window, *geo.padded)  # (B, Hp, Wp, C)
-        if geo.shift != (0, 0):
-            x = torch.roll(x, shifts=geo.shift, dims=(1, 2))
-        if pad_h or pad_w:
-            x = x[:, :h, :w, :]  # (B, H, W, C), cropped after the reverse shift
+    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(Shifted) window attention of a normalised map: (B, H, W, C) -> (B, H, W, C)."""
+        b, h, w, c = x.shape
+        plan = self.plan((h, w), x.device)
+        (wh, ww), (hp, wp) = plan.geometry.window, plan.geometry.padded
+        if (hp, wp) != (h, w):
+            x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))  # (B, Hp, Wp, C): padded before the shift
+        tokens = x.reshape(b, hp * wp, c)  # (B, Hp*Wp, C)
+        if plan.order is not None:
+            tokens = permute_tokens(tokens, plan.order, plan.inverse)  # shift + partition in one gather
+        windows = tokens.view(b, (hp // wh) * (wp // ww), wh * ww, c)  # (B, nW, N, C)
+        tokens = self.attn(windows, plan.index, plan.mask).view(b, hp * wp, c)  # (B, Hp*Wp, C)
+        if plan.order is not None:
+            tokens = permute_tokens(tokens, plan.inverse, plan.order)  # reverse partition + shift
+        x = tokens.view(b, hp, wp, c)  # (B, Hp, Wp, C)
+        if (hp, wp) != (h, w):
+            x = x[:, :h, :w, :]  # (B, H, W, C): cropped after the reverse shift
         return x
+
+    def _attention_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.window_attention(self.norm1(x))
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        x = x + self.drop_path(self._attention(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        p = self.drop_path.p
+        x = add_residual(x, self._attention_branch, p, self.training)
+        return add_residual(x, self._mlp_branch, p, self.training)
 
 
 class PatchMerging(nn.Module):
@@ -654,8 +775,11 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, H/p, W/p, C)."""
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        """(B, C_in, H, W) -> (B, H/p, W/p, C), contiguous."""
+        # A channels-last input makes the conv write channels-last, so the permute below is free and every
+        # later op sees contiguous (B, H, W, C) tokens.
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, H/p, W/p), channels-last
+        return self.norm(x.permute(0, 2, 3, 1).contiguous())  # (B, H/p, W/p, C)
 
 
 class SwinStage(nn.Module):
