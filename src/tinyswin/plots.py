@@ -61,7 +61,7 @@ def plot_curves(
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.91)  # fixed: tight_layout costs more
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

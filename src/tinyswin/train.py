@@ -773,6 +773,7 @@ def train(
         say(f"resuming after epoch {state.epoch} (step {state.step})")
     last_results: dict[str, EvalResult] = {}
     epoch_times: list[float] = []
+    plot_clock = [0.0, 0.0]  # end and duration of the last plot drawing
     budget_clock = wall_start - state.train_seconds  # the budget counts wall time, across resumes
 
     def save(path: Path) -> None:
@@ -886,7 +887,10 @@ def train(
             if improved:
                 save(best_path)
             save(last_path)
-            plot_run(run_dir)
+            if time.perf_counter() - plot_clock[0] >= 10 * plot_clock[1]:  # at most ~10% of the time
+                plot_start = time.perf_counter()
+                plot_run(run_dir)
+                plot_clock[:] = [time.perf_counter(), time.perf_counter() - plot_start]
             if writer is not None:
                 for key, value in record.items():
                     if isinstance(value, (int, float)) and key != "epoch":
@@ -900,6 +904,8 @@ def train(
 
     if writer is not None:
         writer.close()
+    if main and state.history:
+        plot_run(run_dir)
     if not last_results:  # resumed a finished run: evaluate once for the summary
         for split in splits:
             last_results[split] = evaluate(

@@ -45,10 +45,10 @@ def render(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
     foreground = rng.uniform(0.0, 1.0, 3)
     while np.abs(foreground - background).sum() < 0.9:  # enough contrast to see the pattern
         foreground = rng.uniform(0.0, 1.0, 3)
-    cx, cy = rng.uniform(0.3, 0.7, 2)
-    r = rng.uniform(0.15, 0.3)
+    cx, cy = rng.uniform(0.38, 0.62, 2)
+    r = rng.uniform(0.22, 0.36)
     dx, dy = x - cx, y - cy
-    period = rng.uniform(0.12, 0.25)
+    period = rng.uniform(0.16, 0.3)
     phase = rng.uniform(0.0, 1.0, 2)
     if label == 0:  # disc
         mask = dx**2 + dy**2 < r**2
@@ -61,7 +61,7 @@ def render(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
         top, bottom = cy - r, cy + 0.8 * r
         mask = (y >= top) & (y <= bottom) & (np.abs(dx) <= (y - top) / (bottom - top) * r)
     elif label == 4:  # cross
-        w = 0.3 * r
+        w = 0.35 * r
         mask = ((np.abs(dx) < w) & (np.abs(dy) < r)) | ((np.abs(dy) < w) & (np.abs(dx) < r))
     elif label == 5:  # horizontal stripes
         mask = (y / period + phase[0]) % 1.0 < 0.5

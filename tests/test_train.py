@@ -1,0 +1,443 @@
+"""The training loop on a tiny generated dataset: it learns, records everything, resumes exactly."""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from tinyswin.checkpoint import load_checkpoint
+from tinyswin.config import TrainConfig, apply_overrides, from_dict, load_config, to_dict
+from tinyswin.data import load_cache, write_cache
+from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
+from tinyswin.evaluate import evaluate_checkpoint, load_images, predict
+from tinyswin.optim import WarmupCosine
+from tinyswin.plots import read_metrics
+from tinyswin.train import (
+    LoopState,
+    TrainingError,
+    _replan,
+    compress_schedule,
+    train,
+    train_one_epoch,
+)
+
+KEEP = [0, 5, 6, 8]  # disc, horizontal stripes, vertical stripes, checkerboard: chance is 25%
+TIMING_KEYS = {"seconds", "images_per_s", "train_seconds", "elapsed"}
+
+
+def make_tiny_cache(root: Path, size: int = 32, train_per_class: int = 50, val_per_class: int = 10) -> Path:
+    splits = synthetic_splits(size=size, train_per_class=train_per_class, val_per_class=val_per_class, seed=3)
+    out = {}
+    for name, (images, labels) in splits.items():
+        keep = np.isin(labels, KEEP)
+        out[name] = (images[keep], np.searchsorted(KEEP, labels[keep]))
+    return write_cache(
+        root,
+        out,
+        class_ids=[f"c{k}" for k in KEEP],
+        class_names=[CLASS_NAMES[k] for k in KEEP],
+        source="tiny test set",
+    )
+
+
+def tiny_overrides(cache: Path, epochs: int = 12) -> list[str]:
+    return [
+        f"data.source={cache}",
+        "model.preset=nano",
+        "model.embed_dim=16",
+        "model.depths=[1, 1]",
+        "model.num_heads=[1, 2]",
+        "model.window_size=4",
+        "model.drop_path_rate=0.1",  # so that the per-epoch torch seed matters for exact resumes
+        "augment.preset=none",
+        "augment.hflip=0.5",
+        "batch_size=16",
+        "eval_batch_size=64",
+        f"schedule.epochs={epochs}",
+        "schedule.warmup_epochs=0.5",
+        "schedule.mix_off_first_epochs=0",
+        "optim.lr=3e-3",
+        "optim.lr_base_batch=16",
+        "tensorboard=false",
+        "seed=0",
+    ]
+
+
+def tiny_config(cache: Path, *extra: str, epochs: int = 12) -> TrainConfig:
+    return load_config(None, None, [*tiny_overrides(cache, epochs), *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is overhead-bound: one thread is faster and steadier on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_cache(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> tuple[Path, dict, TrainConfig]:
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = tiny_config(tiny_cache)
+    lines: list[str] = []
+    summary = train(cfg, run_dir, progress=False, log=lines.append)
+    return run_dir, summary, cfg
+
+
+def test_loss_falls_and_accuracy_beats_chance(tiny_run) -> None:
+    run_dir, summary, _ = tiny_run
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == list(range(1, 13))
+    assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    # 4 classes: chance is 25%; the stated margin is 25 points
+    assert summary["val_top1"] >= 0.50
+    assert summary["best_top1"] == max(r["val_top1"] for r in records)
+
+
+def test_run_directory_holds_config_metrics_checkpoints_plots_summary(tiny_run) -> None:
+    run_dir, summary, cfg = tiny_run
+    assert from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())) == cfg
+    records = read_metrics(run_dir / "metrics.jsonl")
+    for key in [
+        "epoch",
+        "step",
+        "lr",
+        "train_loss",
+        "val_loss",
+        "val_top1",
+        "val_top5",
+        "images_per_s",
+        "seconds",
+    ]:
+        assert all(key in r for r in records), key
+    assert records[-1]["step"] == 12 * (200 // 16)
+    assert records[0]["lr"] > records[-1]["lr"]
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    for key in ["model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "best", "model_config",
+                "train_config", "class_names", "rng_state"]:  # fmt: skip
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 12 and ckpt["step"] == records[-1]["step"]
+    assert ckpt["class_names"] == [CLASS_NAMES[k] for k in KEEP]
+    assert ckpt["model_config"]["embed_dim"] == 16 and ckpt["model_config"]["num_classes"] == 4
+    assert from_dict(ckpt["train_config"]) == cfg
+    assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in ckpt["model"])
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == summary["best_epoch"]
+    for name in ["loss.png", "accuracy.png", "lr.png"]:
+        with Image.open(run_dir / "plots" / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ["val_top1", "val_top5", "best_epoch", "epochs", "images_per_s", "train_seconds"]:
+        assert key in on_disk, key
+    assert on_disk["epochs"] == 12 and on_disk["val_top1"] == records[-1]["val_top1"]
+    details = on_disk["val_details"]
+    cm = np.array(details["confusion_matrix"])
+    assert cm.shape == (4, 4) and cm.sum() == 40
+    assert np.trace(cm) / cm.sum() == pytest.approx(on_disk["val_top1"])
+    assert list(details["per_class_accuracy"].values()) == pytest.approx(list(np.diag(cm) / cm.sum(1)))
+    assert 0.0 <= details["ece"] <= 1.0
+
+
+def test_eval_of_best_reproduces_the_logged_best_top1_exactly(tiny_run) -> None:
+    run_dir, summary, _ = tiny_run
+    records = read_metrics(run_dir / "metrics.jsonl")
+    best = records[summary["best_epoch"] - 1]
+    result = evaluate_checkpoint(run_dir / "best.pt", log=lambda _m: None)
+    assert result["n"] == 40
+    assert result["top1"] == best["val_top1"] == summary["best_top1"]
+    assert result["top5"] == best["val_top5"]
+    assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    last = evaluate_checkpoint(run_dir / "last.pt", split="train", log=lambda _m: None)
+    assert last["n"] == 200 and last["split"] == "train"
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_run, tiny_cache: Path, tmp_path: Path) -> None:
+    reference_dir, _, cfg = tiny_run
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_3(line: str) -> None:
+        if line.startswith("epoch 3/"):
+            raise Stop
+
+    run_dir = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        train(cfg, run_dir, progress=False, log=stop_after_epoch_3)
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 3
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg, run_dir, progress=False, log=lambda _m: None)
+    train(cfg, run_dir, resume=True, progress=False, log=lambda _m: None)
+    _assert_same_run(reference_dir, run_dir)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert ca["step"] == cb["step"]
+    for name, tensor in ca["model"].items():
+        assert torch.equal(tensor, cb["model"][name]), name
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    for index, state in sa.items():
+        for key, value in state.items():
+            assert torch.equal(value, sb[index][key]), (index, key)
+    ra, rb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    strip = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in ra]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rb]
+
+
+def test_resume_refuses_another_model_or_class_list(tiny_run, tiny_cache: Path, tmp_path: Path) -> None:
+    run_dir, _, cfg = tiny_run
+    other = apply_overrides(cfg, ["model.embed_dim=8"])
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    (copy_dir / "last.pt").write_bytes((run_dir / "last.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"embed_dim: 16 \(checkpoint\) != 8 \(this run\)"):
+        train(other, copy_dir, resume=True, progress=False, log=lambda _m: None)
+    cache = load_cache(tiny_cache)
+    images, labels = cache.split("train")
+    renamed = write_cache(
+        tmp_path / "renamed",
+        {"train": (np.asarray(images), labels), "val": tuple(np.asarray(a) for a in cache.split("val"))},
+        class_ids=cache.class_ids,
+        class_names=["disc", "stripes", "vertical stripes", "checkerboard"],
+        source="renamed",
+    )
+    with pytest.raises(ValueError, match=r"class 1 is 'horizontal stripes' \(checkpoint\) != 'stripes'"):
+        train(apply_overrides(cfg, [f"data.source={renamed}"]), copy_dir, resume=True, progress=False,
+              log=lambda _m: None)  # fmt: skip
+    with pytest.raises(ValueError, match=r"class 1 is 'horizontal stripes'"):
+        evaluate_checkpoint(run_dir / "last.pt", data=str(renamed), log=lambda _m: None)
+
+
+def test_predict_names_the_right_class_of_training_images(tmp_path: Path) -> None:
+    cache = make_tiny_cache(tmp_path / "small", train_per_class=4, val_per_class=2)
+    cfg = tiny_config(cache, "augment.hflip=0", "model.drop_path_rate=0", "schedule.epochs=40", epochs=40)
+    run_dir = tmp_path / "fit"
+    train(cfg, run_dir, progress=False, log=lambda _m: None)
+    fitted = evaluate_checkpoint(run_dir / "last.pt", split="train", log=lambda _m: None)
+    assert fitted["top1"] == 1.0, "the run should fit its 16 training images"
+    images, labels = load_cache(cache).split("train")
+    files = []
+    for i, image in enumerate(images):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(np.asarray(image)).save(path)
+        files.append(path)
+    results = predict(run_dir / "last.pt", files, topk=4)
+    names = [CLASS_NAMES[k] for k in KEEP]
+    assert [r["predictions"][0]["class"] for r in results] == [names[y] for y in labels]
+    for r in results:
+        probs = [p["probability"] for p in r["predictions"]]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5) and probs == sorted(probs, reverse=True)
+
+
+def test_images_of_any_size_and_mode_are_prepared_as_the_cache_was(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "wide.png")
+    Image.fromarray(rgb).convert("L").save(tmp_path / "grey.jpg")
+    Image.fromarray(rgb).save(tmp_path / "plain.png")
+    out = load_images([tmp_path / "wide.png", tmp_path / "grey.jpg", tmp_path / "plain.png"], 16)
+    assert out.shape == (3, 16, 16, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[0], out[2])  # alpha dropped, same pixels
+    assert np.array_equal(out[1][..., 0], out[1][..., 2])  # grey -> RGB with equal channels
+    with pytest.raises(FileNotFoundError, match=r"nothere\.png"):
+        load_images([tmp_path / "nothere.png"], 16)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"bad\.png"):
+        load_images([tmp_path / "bad.png"], 16)
+
+
+# ---------------------------------------------------------------------------------------------- non-finite
+
+
+class _Flat(torch.nn.Module):
+    """A linear classifier whose output turns NaN while `poison` > 0 (one step per call when counting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 32 * 32, 4)
+        self.poison = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.flatten(1))  # (B, 4)
+        if self.poison > 0:
+            self.poison -= 1
+            return out * float("nan")
+        return out
+
+
+def _one_epoch(tiny_cache: Path, model: _Flat, cfg: TrainConfig, state: LoopState):
+    from tinyswin.data import BatchLoader
+    from tinyswin.data.augment import build_augment
+
+    cache = load_cache(tiny_cache)
+    loader = BatchLoader(*cache.split("train"), 16, seed=0)
+    augment = build_augment("none", cache.mean, cache.std, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = WarmupCosine(opt, 1e-2, iters_per_epoch=len(loader), epochs=1, warmup_epochs=0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train_one_epoch(model, loader, augment, opt, sched, scaler, state, cfg=cfg, epoch=0, mix=False,
+                           device=torch.device("cpu"), amp_dtype=None)  # fmt: skip
+
+
+def test_nonfinite_losses_are_skipped_and_counted(tiny_cache: Path) -> None:
+    model = _Flat()
+    before = model.fc.weight.detach().clone()
+    model.poison = 3  # the first three steps
+    cfg = dataclasses.replace(TrainConfig(), max_nonfinite=4)
+    state = LoopState()
+    stats = _one_epoch(tiny_cache, model, cfg, state)
+    assert stats.nonfinite == 3 and state.nonfinite_total == 3 and state.nonfinite_run == 0
+    assert stats.steps == 12 and state.step == 12
+    assert math.isfinite(stats.loss)
+    assert not torch.equal(model.fc.weight, before)
+    assert torch.isfinite(model.fc.weight).all()
+
+
+def test_too_many_nonfinite_losses_in_a_row_stop_with_a_clear_error(tiny_cache: Path) -> None:
+    model = _Flat()
+    before = model.fc.weight.detach().clone()
+    model.poison = 100
+    cfg = dataclasses.replace(TrainConfig(), max_nonfinite=5)
+    state = LoopState()
+    with pytest.raises(TrainingError, match="not finite for 5 optimizer steps in a row"):
+        _one_epoch(tiny_cache, model, cfg, state)
+    assert state.step == 4 and state.nonfinite_run == 5  # raised on the fifth
+    assert torch.equal(model.fc.weight, before)  # no step was taken
+
+
+# ---------------------------------------------------------------------------------------------- time budget
+
+
+def test_compress_schedule_scales_warmup_and_mixing_windows() -> None:
+    seed = to_dict(load_config("seed"))["schedule"]
+    short = compress_schedule(seed, 20)
+    assert short["epochs"] == 20
+    assert short["warmup_epochs"] == pytest.approx(1.0)  # 10 of 200 -> 1 of 20
+    assert short["mix_off_last_epochs"] == 1 and short["mix_off_first_epochs"] == 1
+    assert short["min_lr"] == seed["min_lr"] and short["step"] == "epoch"
+    long = compress_schedule(seed, 400)
+    assert long["warmup_epochs"] == pytest.approx(20.0) and long["mix_off_last_epochs"] == 20
+
+
+def test_replan_fits_the_remaining_epochs_into_the_budget() -> None:
+    cfg = apply_overrides(load_config("seed"), ["time_budget=100", "schedule.epochs=10"])
+    plan = {"budget_s": 100.0, "original_schedule": to_dict(load_config("seed"))["schedule"], "replanned": []}
+    say: list[str] = []
+    # after the first epoch (12 s): 88 s left fit 7 more epochs -> 8 in all (either direction the first time)
+    state = LoopState(epoch=1, train_seconds=12.0, plan=plan)
+    cfg = _replan(cfg, state, [12.0], say.append)
+    assert cfg.schedule.epochs == 8 and cfg.schedule.warmup_epochs == pytest.approx(0.4)
+    # later, only fewer: 3 epochs done at 60 s, 20 s per epoch -> 2 more fit -> 5
+    state = LoopState(epoch=3, train_seconds=60.0, plan=plan)
+    cfg = _replan(cfg, state, [12.0, 24.0, 24.0], say.append)
+    assert cfg.schedule.epochs == 3 + 40 // 20 == 5
+    # no time left: the run stops where it is
+    state = LoopState(epoch=4, train_seconds=99.0, plan=plan)
+    cfg = _replan(cfg, state, [20.0, 20.0, 20.0], say.append)
+    assert cfg.schedule.epochs == 4
+    assert "stopping" in say[-1]
+
+
+def test_time_budget_records_its_plan_and_compresses_the_schedule(tiny_cache: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_cache, "time_budget=10", "schedule.epochs=1000", "schedule.warmup_epochs=100",
+                      epochs=1000)  # fmt: skip
+    summary = train(cfg, tmp_path / "budget", progress=False, log=lambda _m: None)
+    plan = summary["time_budget"]
+    assert plan["budget_s"] == 10 and plan["original_schedule"]["epochs"] == 1000
+    planned = plan["schedule"]["epochs"]
+    assert 1 <= planned < 1000 and summary["epochs"] == planned == summary["planned_epochs"]
+    assert plan["schedule"]["warmup_epochs"] == pytest.approx(100 * planned / 1000)
+    saved = yaml.safe_load((tmp_path / "budget" / "config.yaml").read_text())
+    assert saved["schedule"]["epochs"] == planned
+    assert load_checkpoint(tmp_path / "budget" / "last.pt")["epoch"] == planned
+
+
+# ---------------------------------------------------------------------------------------------- kills
+
+
+def _cli_train(run_dir: Path, overrides: list[str], *extra: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tinyswin", "train", "--out", str(run_dir), "--quiet", *extra, *overrides]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(proc: subprocess.Popen, condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {proc.stdout.read()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _lines(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> tuple[Path, list[str]]:
+    overrides = tiny_overrides(tiny_cache, epochs=5)
+    run_dir = tmp_path_factory.mktemp("cli") / "reference"
+    proc = _cli_train(run_dir, overrides)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return run_dir, overrides
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_epoch_then_resume_equals_uninterrupted(cli_reference, tmp_path: Path) -> None:
+    reference, overrides = cli_reference
+    run_dir = tmp_path / "killed"
+    proc = _cli_train(run_dir, overrides)
+    _wait(proc, lambda: _lines(run_dir) >= 2, "epoch 2")
+    time.sleep(0.15)  # into epoch 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert _lines(run_dir) < 5
+    resumed = _cli_train(run_dir, overrides, "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resuming after epoch" in out
+    _assert_same_run(reference, run_dir)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_then_resume_equals_uninterrupted(
+    cli_reference, tmp_path: Path
+) -> None:
+    reference, overrides = cli_reference
+    run_dir = tmp_path / "killed"
+    proc = _cli_train(run_dir, overrides, env={"TINYSWIN_CHECKPOINT_WRITE_DELAY": "0.3"})
+    _wait(
+        proc, lambda: _lines(run_dir) >= 3 and bool(list(run_dir.glob(".last.pt.tmp-*"))), "the 3rd last.pt"
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 2  # the write of epoch 3 never landed
+    resumed = _cli_train(run_dir, overrides, "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert not list(run_dir.glob(".*.tmp-*"))
+    _assert_same_run(reference, run_dir)
