@@ -87,6 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         ema=args.ema,
         log=(lambda _msg: None) if args.json else print,
+        progress=not args.json,
     )
     if args.json:
         print(json.dumps(result))

@@ -14,7 +14,6 @@ from tinyswin.checkpoint import check_compatible, load_checkpoint
 from tinyswin.config import TrainConfig, from_dict
 from tinyswin.train import (
     build_augment_config,
-    eval_splits,
     evaluate,
     resolve_data,
     resolve_device,
@@ -83,6 +82,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     ema: bool = False,
     log: Any = print,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Loss, top-1 and top-5 of a checkpoint on a split of its dataset (or of `data`).
 
@@ -93,6 +93,8 @@ def evaluate_checkpoint(
         batch_size: default: the run's eval batch size.
         device: 'auto', 'cpu', 'cuda', ...
         ema: evaluate the EMA weights.
+        log: where a note about preparing the data goes.
+        progress: show the progress of preparing the data, if it must be prepared.
 
     Returns:
         {"loss", "top1", "top5", "n", "split", "checkpoint", "ece"}.
@@ -105,11 +107,9 @@ def evaluate_checkpoint(
     loaded = LoadedModel(path, device=device, ema=ema)
     cfg = loaded.config
     source = data if data is not None else cfg.data.source
-    cache = load_cache(resolve_data(source, cfg, log))
+    cache = load_cache(resolve_data(source, cfg, log, progress=progress))
     check_compatible(loaded.checkpoint, class_names=cache.class_names, source=str(path))
-    if split not in cache.splits:
-        eval_splits(cache.splits, split)  # raises with the list of splits
-    images, labels = cache.split(split)
+    images, labels = cache.split(split)  # raises, listing the splits, if there is no such split
     loader = BatchLoader(
         images,
         labels,

@@ -122,7 +122,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 # data
 
 
-def resolve_data(source: str | None, cfg: TrainConfig, log: LogFn = print) -> Path:
+def resolve_data(source: str | None, cfg: TrainConfig, log: LogFn = print, progress: bool = True) -> Path:
     """The cache to train from: the built-in dataset, an existing cache, or a source prepared into one.
 
     A source that is not a cache is prepared once into `cache_root()/<name>-<hash of its path>-<size>px[...]`
@@ -143,8 +143,10 @@ def resolve_data(source: str | None, cfg: TrainConfig, log: LogFn = print) -> Pa
     stem = resolved.name.removesuffix(".zip")
     suffix = f"-holdout{cfg.data.holdout:g}" if cfg.data.holdout > 0 else ""
     out = cache_root() / f"{stem}-{digest}-{cfg.data.size}px{suffix}"
+    if is_cache(out):  # prepare checks that it still matches the source, and returns at once
+        return prepare(path, out, size=cfg.data.size, holdout=cfg.data.holdout, seed=cfg.seed, progress=False)
     log(f"preparing {source} into the cache {out} (once; reused next time)")
-    return prepare(path, out, size=cfg.data.size, holdout=cfg.data.holdout, seed=cfg.seed)
+    return prepare(path, out, size=cfg.data.size, holdout=cfg.data.holdout, seed=cfg.seed, progress=progress)
 
 
 def eval_splits(cache_splits: tuple[str, ...], selection: str) -> list[str]:
