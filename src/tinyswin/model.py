@@ -531,6 +531,23 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask.div_(keep)
 
 
+class _AddRows(torch.autograd.Function):
+    """x + scale * scattered rows: out[rows[i]] = x[rows[i]] + scale * src[i]; only `rows` is saved for the
+    backward pass (torch.index_add would also keep `src` alive)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.index_add(x, 0, rows, src, alpha=scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.rows, ctx.scale = inputs[1], inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def]
+        return grad, None, grad.index_select(0, ctx.rows) * ctx.scale, None
+
+
 def add_residual(
     x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], p: float, training: bool
 ) -> torch.Tensor:
@@ -561,7 +578,7 @@ def add_residual(
         return torch.add(x, branch(x), alpha=1.0 / keep)
     if kept.numel() == 0:
         return x
-    return torch.index_add(x, 0, kept, branch(x.index_select(0, kept)), alpha=1.0 / keep)
+    return _AddRows.apply(x, kept, branch(x.index_select(0, kept)), 1.0 / keep)
 
 
 class DropPath(nn.Module):
@@ -578,25 +595,37 @@ class DropPath(nn.Module):
         return f"p={self.p:.3f}"
 
 
+ATTENTION_BACKENDS = ("auto", "sdpa", "plain")
+
+
 def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, fused: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
     """Scaled dot-product attention with an additive float mask.
+
+    Backends: "sdpa" calls F.scaled_dot_product_attention with the mask; "plain" is the textbook formula
+    softmax(q k^T / sqrt(d) + mask) v, with the scaling and the mask applied in place on the scores so that
+    autograd keeps only q, k, v (views) and the probabilities. "auto" takes "sdpa" except on the CPU when
+    autograd records, where SDPA has no fused kernel for a mask that needs a gradient and falls back to a
+    math path that is slower than "plain" and keeps two more tensors of the scores' size alive.
 
     Args:
         q: (..., heads, N, d).
         k: (..., heads, N, d).
         v: (..., heads, N, d).
         attn_mask: Float mask broadcastable to (..., heads, N, N), added to the scaled scores.
-        fused: Use F.scaled_dot_product_attention; else the plain softmax formula.
+        backend: "auto", "sdpa" or "plain".
 
     Returns:
         (..., heads, N, d).
     """
-    if fused:
+    if backend == "auto":
+        records = torch.is_grad_enabled() and (q.requires_grad or attn_mask.requires_grad)
+        backend = "plain" if q.device.type == "cpu" and records else "sdpa"
+    if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + attn_mask  # (..., heads, N, N)
-    return scores.softmax(dim=-1) @ v
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).add_(attn_mask)  # (..., N, N)
+    return torch.matmul(scores.softmax(dim=-1), v)
 
 
 class WindowAttention(nn.Module):
@@ -613,7 +642,7 @@ class WindowAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.table_window = table_window
-        self.fused = True
+        self.backend = "auto"
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         rows = (2 * table_window[0] - 1) * (2 * table_window[1] - 1)
@@ -655,7 +684,7 @@ class WindowAttention(nn.Module):
         bias = self.relative_bias(index)  # (heads, N, N)
         attn_mask = bias + mask if mask is not None else bias.expand(nw, heads, n, n)  # (nW, heads, N, N)
         attn_mask = attn_mask.reshape(nw * heads, 1, n, n).to(q.dtype)  # (nW*heads, 1, N, N)
-        out = window_attention(q, k, v, attn_mask, self.fused)  # (nW*heads, B, N, d)
+        out = window_attention(q, k, v, attn_mask, self.backend)  # (nW*heads, B, N, d)
         out = out.view(nw, heads, b, n, c // heads).permute(2, 0, 3, 1, 4)  # (B, nW, N, heads, d)
         return self.proj(out.reshape(b, nw, n, c))  # (B, nW, N, C)
 
@@ -874,11 +903,13 @@ class SwinTransformer(nn.Module):
         """Substrings of parameter names that weight decay must skip (besides norms and biases)."""
         return {"relative_position_bias_table"}
 
-    def set_fused_attention(self, fused: bool) -> None:
-        """Use F.scaled_dot_product_attention (True, default) or the plain softmax formula (False)."""
+    def set_attention_backend(self, backend: str) -> None:
+        """Attention backend of every block: "auto" (default), "sdpa" or "plain"; see `window_attention`."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
         for module in self.modules():
             if isinstance(module, WindowAttention):
-                module.fused = fused
+                module.backend = backend
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError, with the nearest sizes that work, if x cannot go through the model."""
