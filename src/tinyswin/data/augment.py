@@ -42,8 +42,7 @@ from tinyswin.data.augment_geometry import (
     sample_pad_crop,
     sample_resized_crop,
 )
-from tinyswin.data.augment_mix import EraseParams, MixParams, erase, sample_erasing, sample_mix
-from tinyswin.data.augment_mix import mix as mix_batch
+from tinyswin.data.augment_mix import EraseParams, MixParams, erase_, mix_, sample_erasing, sample_mix
 from tinyswin.data.augment_policy import (
     ColorJitterParams,
     RandAugmentParams,
@@ -314,7 +313,11 @@ class Augment:
     """
 
     def __init__(
-        self, config: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...], num_classes: int
+        self,
+        config: AugmentConfig,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        num_classes: int,
     ) -> None:
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -455,10 +458,10 @@ class Augment:
         x = self._normalize_(self.augment_uint8(images, params))
         if params.erase is not None:
             value = self.config.erase_value
-            x = erase(x, params.erase, 0.0 if isinstance(value, str) else value)
+            x = erase_(x, params.erase, 0.0 if isinstance(value, str) else value)
         labels = labels.to(device=x.device, dtype=torch.int64)
         if params.mix is not None and params.mix.any:
-            return mix_batch(x, labels, params.mix, self.num_classes, self.config.mix_label_smoothing)
+            return mix_(x, labels, params.mix, self.num_classes, self.config.mix_label_smoothing)
         return x, labels
 
     def __call__(

@@ -36,6 +36,8 @@ __all__ = [
     "resized_crop",
     "sample_pad_crop",
     "sample_resized_crop",
+    "translate",
+    "translate_",
     "warp_affine",
 ]
 
@@ -285,21 +287,16 @@ def randaugment_affine(ops: str | Sequence[str], magnitude: Tensor, height: int,
     """
     m = magnitude.double()
     names = [ops] * len(m) if isinstance(ops, str) else list(ops)
-    unknown = set(names) - {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
-    if unknown or len(names) != len(m):
-        raise ValueError(
-            f"randaugment_affine: expected {len(m)} geometric op names, got {sorted(unknown) or names}"
-        )
-
-    def pick(name: str, value: Tensor) -> Tensor:
-        mask = torch.tensor([n == name for n in names], dtype=torch.bool)
-        return torch.where(mask, value, torch.zeros_like(m))
-
+    kinds = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+    if set(names) - set(kinds) or len(names) != len(m):
+        raise ValueError(f"randaugment_affine: expected {len(m)} names from {kinds}, got {names}")
+    code = torch.tensor([kinds.index(name) for name in names], dtype=torch.int64)
+    zero = torch.zeros_like(m)
     shear = torch.rad2deg(torch.atan(m))
-    shx, shy = pick("ShearX", shear), pick("ShearY", shear)
-    tx, ty = pick("TranslateX", torch.trunc(m)), pick("TranslateY", torch.trunc(m))
-    angle = pick("Rotate", -m)
-    sheared = torch.tensor([n in ("ShearX", "ShearY") for n in names], dtype=torch.float64)
+    shx, shy = torch.where(code == 0, shear, zero), torch.where(code == 1, shear, zero)
+    tx, ty = torch.where(code == 2, torch.trunc(m), zero), torch.where(code == 3, torch.trunc(m), zero)
+    angle = torch.where(code == 4, -m, zero)
+    sheared = (code <= 1).double()
     cx, cy = sheared * (-width * 0.5), sheared * (-height * 0.5)  # shears use centre [0, 0] (top left)
     rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shx), torch.deg2rad(shy)
     a = torch.cos(rot - sy) / torch.cos(sy)
@@ -312,29 +309,75 @@ def randaugment_affine(ops: str | Sequence[str], magnitude: Tensor, height: int,
     return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(-1, 2, 3).to(torch.float32)
 
 
+def _affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
+    """torchvision's sampling grid for inverse matrices ``theta`` (N, 2, 3): ``(N, H, W, 2)`` float32."""
+    n = theta.shape[0]
+    half = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=theta.device)
+    rescaled = theta.transpose(1, 2) / half  # (N, 3, 2)
+    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=theta.device).view(1, 1, w, 1)
+    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=theta.device).view(1, h, 1, 1)
+    row_x = xs * rescaled[:, 0].view(n, 1, 1, 2)  # (N, 1, W, 2)
+    row_x.add_(rescaled[:, 2].view(n, 1, 1, 2))
+    return row_x + ys * rescaled[:, 1].view(n, 1, 1, 2)  # (N, H, W, 2)
+
+
 def warp_affine(x: Tensor, theta: Tensor, interpolation: str = "nearest") -> Tensor:
     """Warp each sample by its inverse affine matrix, fill 0 (torchvision's tensor ``affine``).
 
     The sampling grid is torchvision's (pixel centres relative to the image centre, mapped by ``theta``
-    and divided by half the image size), computed by broadcasting instead of a batched matrix product;
-    the two can differ in the last bit, which moves a nearest-neighbour sample only on an exact tie.
+    and divided by half the image size), computed by broadcasting instead of a batched matrix product
+    and only once per distinct matrix; the two can differ in the last bit, which moves a
+    nearest-neighbour sample only on an exact tie.
 
     Args:
         x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255].
-        theta: ``(N, 2, 3)`` float32 matrices from ``randaugment_affine`` (any device).
+        theta: ``(N, 2, 3)`` float32 matrices from ``randaugment_affine`` (CPU).
         interpolation: 'nearest' or 'bilinear' (rounded back to whole numbers).
 
     Returns:
         ``(N, 3, H, W)`` float32.
     """
     n, _, h, w = x.shape
-    half = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=x.device)
-    rescaled = theta.to(x.device).transpose(1, 2) / half  # (N, 3, 2)
-    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=x.device).view(1, 1, w, 1)
-    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=x.device).view(1, h, 1, 1)
-    row_x = xs * rescaled[:, 0].view(n, 1, 1, 2)  # (N, 1, W, 2)
-    row_x.add_(rescaled[:, 2].view(n, 1, 1, 2))
-    col_y = ys * rescaled[:, 1].view(n, 1, 1, 2)  # (N, H, 1, 2)
-    grid = row_x + col_y  # (N, H, W, 2)
+    distinct, inverse = torch.unique(theta.reshape(n, 6), dim=0, return_inverse=True)
+    if distinct.shape[0] == n:
+        grid = _affine_grid(theta.to(x.device), h, w)  # (N, H, W, 2)
+    else:
+        grid = _affine_grid(distinct.view(-1, 2, 3).to(x.device), h, w)  # (U, H, W, 2)
+        grid = grid.index_select(0, inverse.to(x.device))  # (N, H, W, 2)
     out = F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
     return out if interpolation == "nearest" else out.round_()
+
+
+def translate_(x: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
+    """In place: shift each sample by whole pixels, fill 0: ``out[y, x] = in[y - dy, x - dx]``.
+
+    Equals torchvision's tensor ``affine(translate=[dx, dy])`` (nearest or bilinear: the grid lands on
+    pixel centres) with plain slicing: the samples of each distinct nonzero shift are gathered, shifted
+    and written back; samples with shift (0, 0) are not touched.
+
+    Args:
+        x: ``(N, C, H, W)`` float32; overwritten.
+        dx, dy: ``(N,)`` int64 CPU shifts (right and down positive).
+
+    Returns:
+        ``x``.
+    """
+    _, _, h, w = x.shape
+    shifts, inverse = torch.unique(torch.stack([dx, dy], dim=1), dim=0, return_inverse=True)
+    for k, (sx, sy) in enumerate(shifts.tolist()):
+        if sx == 0 and sy == 0:
+            continue
+        idx = (inverse == k).nonzero().squeeze(1).to(x.device)
+        src = x.index_select(0, idx)
+        moved = torch.zeros_like(src)
+        if abs(sx) < w and abs(sy) < h:
+            moved[:, :, max(sy, 0) : h - max(-sy, 0), max(sx, 0) : w - max(-sx, 0)] = src[
+                :, :, max(-sy, 0) : h - max(sy, 0), max(-sx, 0) : w - max(sx, 0)
+            ]
+        x.index_copy_(0, idx, moved)
+    return x
+
+
+def translate(x: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
+    """Shift each sample by whole pixels with zero fill (see ``translate_``); returns a new batch."""
+    return translate_(x.clone(), dx, dy)

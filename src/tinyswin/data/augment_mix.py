@@ -17,7 +17,9 @@ __all__ = [
     "EraseParams",
     "MixParams",
     "erase",
+    "erase_",
     "mix",
+    "mix_",
     "sample_beta",
     "sample_erasing",
     "sample_mix",
@@ -34,8 +36,9 @@ class EraseParams:
     Attributes:
         apply: ``(N,)`` bool; False where the coin said no or no box fitted (image unchanged).
         top, left, height, width: ``(N,)`` int64 boxes (meaningful where ``apply``).
-        noise: ``(A, 3, hmax, wmax)`` float32 standard normal values for the ``A`` erased samples (in batch
-            order; the top-left ``height x width`` part of each fills its box), or None for a constant value.
+        noise: ``(T,)`` float32 standard normal values filling the boxes of the erased samples, in batch
+            order and ``(C=3, h, w)`` order within each box (``T = sum 3 h w``), as torchvision draws them;
+            None for a constant value.
     """
 
     apply: Tensor
@@ -96,48 +99,56 @@ def sample_erasing(
     left = torch.minimum((u[:, 1] * (width - w + 1)).floor().to(torch.int64), width - w)
     noise = None
     if random_value:
-        count = int(apply.sum())
-        hmax = int(h[apply].max()) if count else 0
-        wmax = int(w[apply].max()) if count else 0
-        noise = torch.randn(count, 3, hmax, wmax, generator=generator)
+        noise = torch.randn(int((3 * h * w)[apply].sum()), generator=generator)
     return EraseParams(apply=apply, top=top, left=left, height=h, width=w, noise=noise)
 
 
-def erase(x: Tensor, params: EraseParams, value: float | tuple[float, float, float] = 0.0) -> Tensor:
-    """Fill each chosen sample's box with its noise (``params.noise``) or with ``value``.
+def _box_indices(params: EraseParams, channels: int, height: int, width: int) -> Tensor:
+    """Flat indices into an ``(N, C, H, W)`` batch of every erased element, in noise order: ``(T,)`` int64."""
+    idx = params.apply.nonzero().squeeze(1)  # (A,)
+    bh, bw = params.height[idx], params.width[idx]
+    area = bh * bw
+    counts = channels * area  # (A,)
+    owner = torch.repeat_interleave(torch.arange(len(idx)), counts)  # (T,): which erased sample
+    local = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[owner]  # (T,)
+    chan = torch.div(local, area[owner], rounding_mode="floor")
+    rest = local - chan * area[owner]
+    row = torch.div(rest, bw[owner], rounding_mode="floor")
+    col = rest - row * bw[owner]
+    row = row + params.top[idx][owner]
+    col = col + params.left[idx][owner]
+    return ((idx[owner] * channels + chan) * height + row) * width + col
+
+
+def erase_(x: Tensor, params: EraseParams, value: float | tuple[float, ...] = 0.0) -> Tensor:
+    """In place: fill each chosen sample's box with its noise (``params.noise``) or with ``value``.
+
+    One indexed write over exactly the erased elements (their flat indices are built on the CPU).
 
     Args:
-        x: ``(N, C, H, W)`` float32 (normalized).
+        x: ``(N, C, H, W)`` float32 (normalized), contiguous; overwritten.
         params: draws from ``sample_erasing``.
         value: constant fill (scalar or one per channel) when ``params.noise`` is None.
 
     Returns:
-        ``(N, C, H, W)`` float32 (``x`` itself when nothing is erased).
+        ``x``.
     """
-    idx = params.apply.nonzero().squeeze(1)  # (A,)
-    if idx.numel() == 0:
+    if not bool(params.apply.any()):
         return x
     _, c, h, w = x.shape
-    top, left = params.top[idx], params.left[idx]
-    rows = torch.arange(h) - top.unsqueeze(1)  # (A, H): row inside the box
-    cols = torch.arange(w) - left.unsqueeze(1)  # (A, W)
-    inside = (rows >= 0) & (rows < params.height[idx].unsqueeze(1))
-    inside = inside.unsqueeze(2) & ((cols >= 0) & (cols < params.width[idx].unsqueeze(1))).unsqueeze(
-        1
-    )  # (A, H, W)
-    dev_idx = idx.to(x.device)
-    inside = inside.to(x.device).unsqueeze(1)  # (A, 1, H, W)
+    flat = _box_indices(params, c, h, w)
     if params.noise is not None:
-        noise = params.noise.to(x.device)  # (A, 3, hmax, wmax)
-        a, _, hmax, wmax = noise.shape
-        r = rows.clamp(0, hmax - 1).to(x.device).view(a, 1, h, 1).expand(a, c, h, wmax)
-        q = cols.clamp(0, wmax - 1).to(x.device).view(a, 1, 1, w).expand(a, c, h, w)
-        fill = noise.gather(2, r).gather(3, q)  # (A, C, H, W)
+        fill = params.noise
     else:
-        fill = torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
-    out = x.clone()
-    out.index_copy_(0, dev_idx, torch.where(inside, fill, x.index_select(0, dev_idx)))
-    return out
+        per_channel = torch.as_tensor(value, dtype=x.dtype).reshape(-1).expand(c)
+        fill = per_channel[torch.div(flat, h * w, rounding_mode="floor") % c]
+    x.view(-1).index_put_((flat.to(x.device),), fill.to(device=x.device, dtype=x.dtype))
+    return x
+
+
+def erase(x: Tensor, params: EraseParams, value: float | tuple[float, ...] = 0.0) -> Tensor:
+    """Fill each chosen sample's box with its noise or ``value`` (see ``erase_``); returns a new batch."""
+    return erase_(x.contiguous().clone(), params, value)
 
 
 def sample_beta(alpha: float, n: int, generator: torch.Generator) -> Tensor:
@@ -158,12 +169,14 @@ class MixParams:
             pixels left after pasting the clipped box); 1 where mode is 0.
         partner: ``(N,)`` int64 index of the sample mixed in (a random permutation).
         box: ``(N, 4)`` int64 CutMix boxes ``(y1, y2, x1, x2)``, clipped to the image.
+        per_sample: whether modes, lambdas and boxes were drawn per sample (else one for the batch).
     """
 
     mode: Tensor
     lam: Tensor
     partner: Tensor
     box: Tensor
+    per_sample: bool = False
 
     @property
     def any(self) -> bool:
@@ -237,7 +250,9 @@ def sample_mix(
     lam = torch.where(mode == MIX_CUTMIX, 1.0 - ((y2 - y1) * (x2 - x1)).double() / (height * width), lam)
     lam = torch.where(mode == MIX_NONE, 1.0, lam)
     mode, lam, box = mode.expand(n), lam.expand(n), box.expand(n, 4)
-    return MixParams(mode=mode.clone(), lam=lam.clone(), partner=partner, box=box.clone())
+    return MixParams(
+        mode=mode.clone(), lam=lam.clone(), partner=partner, box=box.clone(), per_sample=per_sample
+    )
 
 
 def soft_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
@@ -246,34 +261,50 @@ def soft_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> Te
     return onehot * (1.0 - smoothing) + smoothing / num_classes
 
 
-def mix(
+def mix_(
     x: Tensor, labels: Tensor, params: MixParams, num_classes: int, smoothing: float = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """Blend (Mixup) or paste boxes of (CutMix) each sample's partner, and mix the targets the same way.
+    """In place: blend in (Mixup) or paste a box of (CutMix) each sample's partner; mix the targets alike.
 
     Args:
-        x: ``(N, C, H, W)`` float32.
+        x: ``(N, C, H, W)`` float32; overwritten.
         labels: ``(N,)`` int64 on ``x``'s device.
         params: draws from ``sample_mix``.
         num_classes: K.
         smoothing: label smoothing folded into the soft targets.
 
     Returns:
-        ``(x, targets)``: ``(N, C, H, W)`` float32 and ``(N, K)`` float32 soft targets summing to 1.
+        ``(x, targets)``: ``x`` and ``(N, K)`` float32 soft targets summing to 1.
     """
     n, _, h, w = x.shape
     dev = x.device
     partner = params.partner.to(dev)
-    lam = params.lam.to(device=dev, dtype=torch.float32)
-    y1, y2, x1, x2 = (params.box[:, i].view(n, 1, 1) for i in range(4))
-    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-    in_box = (rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2)  # (N, H, W)
-    cutmix = (params.mode == MIX_CUTMIX).view(n, 1, 1)
-    own = torch.where(cutmix, (~in_box).to(torch.float32), params.lam.to(torch.float32).view(n, 1, 1))
-    own = own.to(dev).unsqueeze(1)  # (N, 1, H, W): weight of the sample's own pixel
-    other = x.index_select(0, partner)
-    out = torch.lerp(other, x, own)
     targets = soft_targets(labels, num_classes, smoothing)
-    lam = lam.unsqueeze(1)  # (N, 1)
+    lam = params.lam.to(device=dev, dtype=torch.float32).unsqueeze(1)  # (N, 1)
     targets = targets * lam + targets.index_select(0, partner) * (1.0 - lam)
-    return out, targets
+    mode = int(params.mode[0])
+    if not params.per_sample and mode == MIX_MIXUP:
+        x.lerp_(x.index_select(0, partner), 1.0 - float(params.lam[0]))
+    elif not params.per_sample and mode == MIX_CUTMIX:
+        y1, y2, x1, x2 = params.box[0].tolist()
+        x[:, :, y1:y2, x1:x2] = x[:, :, y1:y2, x1:x2].index_select(0, partner)
+    elif params.per_sample:
+        # weight of the partner's pixel: 1 - lambda (Mixup), 1 inside the box (CutMix), 0 (none)
+        rows = torch.arange(h).view(1, h)
+        cols = torch.arange(w).view(1, w)
+        y1, y2, x1, x2 = params.box.unbind(1)
+        in_rows = ((rows >= y1.view(n, 1)) & (rows < y2.view(n, 1))).to(x.dtype)  # (N, H)
+        in_cols = ((cols >= x1.view(n, 1)) & (cols < x2.view(n, 1))).to(x.dtype)  # (N, W)
+        is_cut = (params.mode == MIX_CUTMIX).to(x.dtype).view(n, 1, 1)
+        blend = torch.where(params.mode == MIX_MIXUP, 1.0 - params.lam, 0.0).to(x.dtype).view(n, 1, 1)
+        in_box = in_rows.to(dev).unsqueeze(2) * in_cols.to(dev).unsqueeze(1)  # (N, H, W)
+        weight = in_box.mul_(is_cut.to(dev)).add_(blend.to(dev)).unsqueeze(1)  # (N, 1, H, W)
+        x.lerp_(x.index_select(0, partner), weight)
+    return x, targets
+
+
+def mix(
+    x: Tensor, labels: Tensor, params: MixParams, num_classes: int, smoothing: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Mixup / CutMix of a batch and its targets (see ``mix_``); returns a new batch."""
+    return mix_(x.clone(), labels, params, num_classes, smoothing)

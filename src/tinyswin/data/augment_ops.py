@@ -57,17 +57,18 @@ def complement(ratio: Tensor, x: Tensor) -> Tensor:
     return per_sample(1.0 - ratio.double(), x)
 
 
-def grayscale(x: Tensor) -> Tensor:
+def grayscale(x: Tensor, out: Tensor | None = None) -> Tensor:
     """ITU-R 601 luma, truncated to whole numbers as torchvision's uint8 ``rgb_to_grayscale``.
 
     Args:
         x: ``(N, 3, H, W)`` float32 in [0, 255].
+        out: optional ``(N, 1, H, W)`` float32 buffer for the result.
 
     Returns:
         ``(N, 1, H, W)`` float32 whole numbers.
     """
     r, g, b = x.unbind(dim=1)
-    gray = r * 0.2989
+    gray = torch.mul(r, 0.2989, out=None if out is None else out.squeeze(1))
     term = torch.mul(g, 0.587)
     gray.add_(term)
     gray.add_(torch.mul(b, 0.114, out=term))
@@ -216,9 +217,12 @@ def equalize_(x: Tensor) -> Tensor:
     n, c, h, w = x.shape
     values = x.reshape(n * c, h * w).to(torch.int64)  # (N*3, H*W)
     offsets = torch.arange(n * c, device=x.device).mul_(256).unsqueeze(1)  # (N*3, 1)
-    ones = torch.ones(1, dtype=torch.int64, device=x.device).expand(values.numel())
-    hist = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device)
-    hist.scatter_add_(0, (values + offsets).view(-1), ones)
+    flat = (values + offsets).view(-1)  # (N*3*H*W,) bin of each value in the flattened histograms
+    if x.is_cuda:
+        ones = torch.ones(1, dtype=torch.int64, device=x.device).expand(flat.numel())
+        hist = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device).scatter_add_(0, flat, ones)
+    else:
+        hist = torch.bincount(flat, minlength=n * c * 256)  # faster on CPU; needs a device sync on CUDA
     hist = hist.view(n * c, 256)  # (N*3, 256)
     top = hist.gather(1, values.amax(dim=1, keepdim=True))  # (N*3, 1): count of the last non-empty bin
     step = torch.div(h * w - top, 255, rounding_mode="floor")  # (N*3, 1)
@@ -227,7 +231,7 @@ def equalize_(x: Tensor) -> Tensor:
     lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], dim=1).clamp_(0, 255)  # (N*3, 256)
     identity = torch.arange(256, device=x.device).expand_as(lut)
     lut = torch.where(step == 0, identity, lut).to(x.dtype)  # channels with step 0 stay unchanged
-    torch.gather(lut, 1, values, out=x.view(n * c, h * w))
+    torch.index_select(lut.view(-1), 0, flat, out=x.view(-1))
     return x
 
 
@@ -236,78 +240,78 @@ def equalize(x: Tensor) -> Tensor:
     return equalize_(x.contiguous().clone())
 
 
-def _flag_(diff: Tensor) -> Tensor:
-    """In place: 1.0 where a whole-number difference ``diff >= 0`` is zero, else 0.0."""
-    return diff.neg_().add_(1.0).clamp_(min=0.0)
-
-
 def adjust_hue_(x: Tensor, factor: Tensor) -> Tensor:
     """In place: rotate the hue of each image by ``factor`` (N,) turns in [-0.5, 0.5], via HSV.
 
-    Follows torchvision's tensor path (``_rgb2hsv``, shift, ``_hsv2rgb``, then ``x * 255.999`` truncated)
-    with the same float32 values, but only evaluates what changes: a hue rotation keeps each pixel's
-    maximum and minimum channel values (they come back unchanged after truncation), so only the middle
-    value is recomputed (``q`` or ``t`` of ``_hsv2rgb``) and the three values are routed to R, G, B by the
-    new hue sector.
+    Reproduces torchvision's tensor path bit for bit (``_rgb2hsv``, shift, ``_hsv2rgb``, then
+    ``x * 255.999`` truncated): the same float32 expressions for the hue, ``s``, ``v`` and the recomputed
+    value ``q`` or ``t``, but arranged to do little work. A hue rotation keeps each pixel's maximum and
+    minimum channel values (they come back unchanged after truncation), so only the middle value is
+    recomputed, and the three values are routed to R, G, B by the new hue sector. Boolean masks are
+    replaced by 0/1 float arithmetic on whole numbers, selections by ``lerp`` with 0/1 weights (both
+    exact), and every intermediate lives in one workspace.
 
     Args:
-        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255]; overwritten.
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255], contiguous; overwritten.
         factor: ``(N,)`` hue shifts.
 
     Returns:
         ``x``.
     """
-    red, green, blue = x.unbind(dim=1)  # (N, H, W) whole numbers
-    vmax = torch.maximum(red, green)
+    n, _, h, w = x.shape
+    red, green, blue = x.unbind(dim=1)  # (N, H, W) views
+    ws = torch.empty(9, n, h, w, dtype=x.dtype, device=x.device)  # workspace planes
+    vmax = torch.maximum(red, green, out=ws[0])
     torch.maximum(vmax, blue, out=vmax)
-    vmin = torch.minimum(red, green)
+    vmin = torch.minimum(red, green, out=ws[1])
     torch.minimum(vmin, blue, out=vmin)
-    is_r = _flag_(vmax - red)  # maxc == r
-    is_g = _flag_(vmax - green)  # maxc == g
-    eq = _flag_(vmax - vmin)  # maxc == minc
-
-    # torchvision's _rgb2hsv on x / 255, same expressions
-    maxc = vmax / 255.0
-    cr = torch.div(vmin, 255.0).neg_().add_(maxc)  # maxc - minc
-    s = torch.maximum(maxc, eq)  # maxc, or 1 where maxc == minc (and then cr == 0)
-    torch.div(cr, s, out=s)
-    cr.add_(eq)  # cr_divisor: cr, or 1 where maxc == minc
-    rc = torch.div(red, 255.0).neg_().add_(maxc).div_(cr)
-    gc = torch.div(green, 255.0).neg_().add_(maxc).div_(cr)
-    bc = torch.div(blue, 255.0).neg_().add_(maxc).div_(cr)
-    h = torch.sub(bc, gc).mul_(is_r)  # hr = (maxc == r) * (bc - gc)
-    not_r = is_r.neg_().add_(1.0)
-    w_b = torch.neg(is_g).add_(1.0).mul_(not_r)  # (maxc != g) & (maxc != r)
-    w_g = is_g.mul_(not_r)  # (maxc == g) & (maxc != r)
-    h.add_(torch.add(rc, 2.0).sub_(bc).mul_(w_g))  # + hg
-    h.add_(gc.add_(4.0).sub_(rc).mul_(w_b))  # + hb
-    h.div_(6.0).add_(1.0)
-    floor = torch.floor(h)
-    h.sub_(floor)  # fmod(h, 1) for h in (0, 2)
-    h.add_(per_sample(factor, x).view(-1, 1, 1))
-    h.sub_(torch.floor(h, out=floor))  # (h + factor) % 1
-
-    # torchvision's _hsv2rgb, middle value only
-    h.mul_(6.0)
-    sector = torch.floor(h, out=floor)
-    frac = h.sub_(sector)
-    sector.sub_(torch.sub(sector, 5.0, out=rc).clamp_(0.0, 1.0).mul_(6.0))  # % 6 (h may round up to 1.0)
-    odd = torch.sub(sector, torch.mul(sector, 0.5, out=gc).floor_().mul_(2.0), out=gc)  # 1.0 in odd sectors
-    g_arg = torch.lerp(torch.neg(frac).add_(1.0), frac, odd)  # f in odd sectors (q), 1 - f in even ones (t)
-    mid = g_arg.mul_(s).neg_().add_(1.0).mul_(maxc).clamp_(0.0, 1.0).mul_(255.999).floor_()
-
-    span_max = vmax.sub_(vmin)
-    span_mid = mid.sub_(vmin)
-    for c, shift in enumerate((0.0, 2.0, 4.0)):
-        # red takes the max in sectors 0 and 5, the middle value in 1 and 4, the min in 2 and 3; green and
-        # blue take red's roles two and four sectors later
-        d = torch.sub(sector, shift, out=rc)
-        d.add_(torch.neg(d, out=bc).clamp_(0.0, 1.0).mul_(6.0)).sub_(2.5).abs_()  # 2.5 max, 1.5 mid, 0.5 min
-        w_max = torch.sub(d, 1.5, out=bc).clamp_(0.0, 1.0)
-        w_mid = d.sub_(1.5).abs_().neg_().add_(1.0).clamp_(min=0.0)
-        plane = x[:, c]
-        plane.copy_(vmin)
-        plane.addcmul_(w_max, span_max).addcmul_(w_mid, span_mid)
+    # _rgb2hsv of x / 255
+    maxc = torch.div(vmax, 255.0, out=ws[2])
+    cr = torch.div(vmin, 255.0, out=ws[3])
+    torch.sub(maxc, cr, out=cr)  # maxc - minc
+    eq = torch.sub(vmin, vmax, out=ws[4]).add_(1.0).clamp_(min=0.0)  # 1.0 where maxc == minc
+    sat = torch.maximum(maxc, eq, out=ws[5])
+    torch.div(cr, sat, out=sat)  # s = cr / (maxc, or 1 where maxc == minc)
+    cr.add_(eq)  # cr_divisor
+    rc = torch.div(red, 255.0, out=ws[4])
+    torch.sub(maxc, rc, out=rc).div_(cr)
+    gc = torch.div(green, 255.0, out=ws[6])
+    torch.sub(maxc, gc, out=gc).div_(cr)
+    bc = torch.div(blue, 255.0, out=ws[7])
+    torch.sub(maxc, bc, out=bc).div_(cr)
+    hr = torch.sub(bc, gc, out=ws[3])  # bc - gc
+    hg = torch.add(rc, 2.0, out=ws[8]).sub_(bc)  # 2 + rc - bc
+    hb = torch.add(gc, 4.0, out=ws[7]).sub_(rc)  # 4 + gc - rc
+    is_g = torch.sub(green, vmax, out=ws[6]).add_(1.0).clamp_(min=0.0)  # 1.0 where maxc == g
+    hue = torch.lerp(hb, hg, is_g, out=ws[8])
+    is_r = torch.sub(red, vmax, out=ws[6]).add_(1.0).clamp_(min=0.0)  # 1.0 where maxc == r
+    torch.lerp(hue, hr, is_r, out=hue)  # r first, then g, then b, as torchvision's masks
+    floor = ws[3]
+    hue.div_(6.0).add_(1.0)
+    hue.sub_(torch.floor(hue, out=floor))  # fmod(h / 6 + 1, 1)
+    hue.add_(per_sample(factor, x).view(n, 1, 1))
+    hue.sub_(torch.floor(hue, out=floor))  # (h + factor) % 1
+    # _hsv2rgb, middle value only; a hue that rounds up to 1.0 lands in sector 5 with f = 1, which gives
+    # the same pixel as torchvision's sector 0 with f = 0
+    hue.mul_(6.0)
+    sector = torch.floor(hue, out=ws[3]).clamp_(max=5.0)
+    frac = hue.sub_(sector)
+    odd = torch.mul(sector, 0.5, out=ws[7]).floor_().mul_(2.0)
+    torch.sub(sector, odd, out=odd)  # 1.0 in odd sectors (q = v (1 - s f)), 0.0 in even ones (t)
+    arg = torch.neg(frac, out=ws[4]).add_(1.0)
+    torch.lerp(arg, frac, odd, out=arg)
+    mid = arg.mul_(sat).neg_().add_(1.0).mul_(maxc).clamp_(0.0, 1.0).mul_(255.999).floor_()
+    # route: red takes the max in sectors 0 and 5, the middle value in 1 and 4, the min in 2 and 3, i.e. by
+    # the distance of the sector from 2.5 (2.5 max, 1.5 middle, 0.5 min); green and blue likewise by the
+    # circular distance from 4.5 and 0.5
+    centres = torch.tensor([2.5, 4.5, 0.5], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    temp = ws[6:9].permute(1, 0, 2, 3)  # (N, 3, H, W) view of three free planes
+    rank = torch.sub(sector.unsqueeze(1), centres, out=x).abs_()  # the input is no longer needed
+    torch.minimum(rank, torch.neg(rank, out=temp).add_(6.0), out=rank)
+    rank.sub_(0.5)  # 0 min, 1 middle, 2 max
+    low = torch.clamp(rank, 0.0, 1.0, out=temp)
+    torch.lerp(vmin.unsqueeze(1), mid.unsqueeze(1), low, out=low)  # min or middle value
+    torch.lerp(low, vmax.unsqueeze(1), rank.sub_(1.0).clamp_(0.0, 1.0), out=x)  # or max
     return x
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tinyswin.data import augment_ops as ops
-from tinyswin.data.augment_geometry import randaugment_affine, warp_affine
+from tinyswin.data.augment_geometry import randaugment_affine, translate_, warp_affine
 
 __all__ = [
     "COLOR_JITTER_OPS",
@@ -51,6 +51,7 @@ RANDAUGMENT_OPS = (
 _SIGNED = frozenset(RANDAUGMENT_OPS[1:10])
 _GEOMETRIC = frozenset(RANDAUGMENT_OPS[1:6])
 COLOR_JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+_BLEND_ROWS = 64  # samples per blend pass on a CPU: about 3 MB of float32 64x64 images, cache-sized
 
 
 @dataclass
@@ -222,23 +223,28 @@ def randaugment_(x: Tensor, params: RandAugmentParams, interpolation: str = "nea
         ``x``.
     """
     height, width = x.shape[-2:]
-    geometric = torch.tensor([name in _GEOMETRIC for name in RANDAUGMENT_OPS])
+    warped = torch.tensor([name in ("ShearX", "ShearY", "Rotate") for name in RANDAUGMENT_OPS])
+    shift_x = torch.tensor([name == "TranslateX" for name in RANDAUGMENT_OPS])
+    shift_y = torch.tensor([name == "TranslateY" for name in RANDAUGMENT_OPS])
     for slot in range(params.ops.shape[1]):
-        column = params.ops[:, slot]
-        idx = geometric[column].nonzero().squeeze(1)
+        column, values = params.ops[:, slot], params.values[:, slot]
+        idx = warped[column].nonzero().squeeze(1)
         if idx.numel():
             names = [RANDAUGMENT_OPS[k] for k in column[idx].tolist()]
-            theta = randaugment_affine(names, params.values[idx, slot], height, width)
+            theta = randaugment_affine(names, values[idx], height, width)
             dev_idx = idx.to(x.device)
             x.index_copy_(0, dev_idx, warp_affine(x.index_select(0, dev_idx), theta, interpolation))
+        pixels = torch.trunc(values).to(torch.int64)  # torchvision: translate=[int(magnitude), 0]
+        dx = torch.where(shift_x[column], pixels, 0)
+        dy = torch.where(shift_y[column], pixels, 0)
+        if bool((dx != 0).any() or (dy != 0).any()):
+            translate_(x, dx, dy)
         for k, idx in _groups(column, len(RANDAUGMENT_OPS)):
             name = RANDAUGMENT_OPS[k]
             if name == "Identity" or name in _GEOMETRIC:
                 continue
             dev_idx = idx.to(x.device)
-            x.index_copy_(
-                0, dev_idx, _apply_pixel_op_(x.index_select(0, dev_idx), name, params.values[idx, slot])
-            )
+            x.index_copy_(0, dev_idx, _apply_pixel_op_(x.index_select(0, dev_idx), name, values[idx]))
     return x
 
 
@@ -305,21 +311,29 @@ def color_jitter_(x: Tensor, params: ColorJitterParams) -> Tensor:
         return x
     n = x.shape[0]
     enabled = torch.tensor(params.enabled)
+    rows = min(n, _BLEND_ROWS)
+    gray = torch.empty(rows, 1, *x.shape[2:], dtype=x.dtype, device=x.device)
     for step in range(4):
         op = params.order[:, step]  # (N,)
         active = enabled[op]
         is_blend = active & (op < 3)
         if bool(is_blend.any()):
-            factor = torch.where(
-                is_blend, params.factors[torch.arange(n), op], torch.ones(n, dtype=torch.float64)
-            )
-            use_mean = (is_blend & (op == 1)).to(torch.float32).to(x.device).view(n, 1, 1, 1)
-            use_gray = (is_blend & (op == 2)).to(torch.float32).to(x.device).view(n, 1, 1, 1)
-            gray = ops.grayscale(x)  # (N, 1, H, W)
-            mean = gray.mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
-            degenerate = gray.mul_(use_gray).add_(mean.mul_(use_mean))  # black, mean gray or gray, per sample
-            x.mul_(ops.per_sample(factor, x)).add_(degenerate.mul_(ops.complement(factor, x)))
-            x.clamp_(0.0, 255.0).floor_()
+            ones = torch.ones(n, dtype=torch.float64)
+            factor = torch.where(is_blend, params.factors[torch.arange(n), op], ones)
+            keep = ops.per_sample(factor, x)  # f
+            other = ops.complement(factor, x)  # float32(1 - f)
+            use_mean = (is_blend & (op == 1)).to(x.dtype).to(x.device).view(n, 1, 1, 1)
+            use_gray = (is_blend & (op == 2)).to(x.dtype).to(x.device).view(n, 1, 1, 1)
+            for start in range(0, n, rows):  # a few samples at a time, so that the passes stay in cache
+                part = slice(start, min(n, start + rows))
+                xs = x[part]
+                gs = ops.grayscale(xs, out=gray[: xs.shape[0]])
+                mean = gs.mean(dim=(1, 2, 3), keepdim=True)  # (n, 1, 1, 1)
+                # (1 - f) * D with D the gray image, its mean or black: exactly one term is kept per sample
+                weighted = gs.mul_(use_gray[part] * other[part]).add_(
+                    mean.mul_(other[part]).mul_(use_mean[part])
+                )
+                xs.mul_(keep[part]).add_(weighted).clamp_(0.0, 255.0).floor_()
         hue = (active & (op == 3)).nonzero().squeeze(1)
         if hue.numel():
             dev_idx = hue.to(x.device)
