@@ -61,7 +61,7 @@ class DataConfig:
     """Where the images come from and which split is which."""
 
     source: str | None = None  # a cache, a dataset to prepare, or None for the built-in synthetic set
-    size: int = 64  # image side when a source is prepared into a cache
+    size: int = 64  # image side when a source is prepared into a cache (the built-in set is 32px)
     holdout: float = 0.0  # fraction of every train class kept aside as split 'holdout' when preparing
     val_split: Literal["val", "holdout"] = "val"  # the split that picks best.pt
     mean: tuple[float, float, float] | None = None  # normalisation (0..1 scale); None: the cache's own

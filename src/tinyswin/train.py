@@ -6,6 +6,9 @@ every epoch, checkpoints (`last.pt`, `best.pt`), `metrics.jsonl`, plots and `sum
 directory. Every epoch's randomness (data order, augmentation draws, drop path) is derived from
 (seed, epoch, rank) alone, so a run resumed from `last.pt` computes exactly what the uninterrupted run would.
 
+The plots are redrawn after an epoch unless drawing them would take more than about a tenth of the run's
+time (then after a later epoch), and always at the end.
+
 Processes: `DistContext` says which rank this process is among how many. The global batch is split evenly
 over processes and accumulation steps; only rank 0 writes files.
 """
