@@ -225,7 +225,7 @@ def resized_crop(
     if interpolation == "bilinear" and not shrinks:
         grid = _clamped_grid(boxes, flip, (h, w), out_hw).to(x.device)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out.round_().clamp_(0.0, 255.0)
+        return out.round_()  # bilinear weights are convex: no clamping needed
     wy = _resample_weights(boxes.top, boxes.height, h, oh, interpolation, None).to(x.device)  # (N, oh, H)
     wx = _resample_weights(boxes.left, boxes.width, w, ow, interpolation, flip).to(x.device)  # (N, ow, W)
     out = torch.matmul(torch.matmul(wy.unsqueeze(1), x), wx.transpose(1, 2).unsqueeze(1))  # (N, 3, oh, ow)

@@ -146,14 +146,16 @@ def sample_randaugment(
     elif magnitude_std > 0:
         mags = mags + magnitude_std * torch.randn(n, num_ops, generator=generator, dtype=torch.float64)
     mags = mags.clamp(0.0, num_bins - 1)
-    values = torch.zeros(n, num_ops, dtype=torch.float64)
-    for k, name in enumerate(RANDAUGMENT_OPS):
-        chosen = op_idx == k
-        if chosen.any():
-            v = randaugment_values(name, mags[chosen], num_bins, height, width)
-            if name in _SIGNED:
-                v = torch.where(negate[chosen], -v, v)
-            values[chosen] = v
+    bins = torch.arange(num_bins, dtype=torch.float64)
+    table = torch.stack([randaugment_values(name, bins, num_bins, height, width) for name in RANDAUGMENT_OPS])
+    lo = mags.floor().to(torch.int64)  # (n, num_ops)
+    hi = (lo + 1).clamp(max=num_bins - 1)
+    start = table[op_idx, lo]
+    values = start + (mags - lo.double()) * (table[op_idx, hi] - start)  # whole bins: exactly the table
+    posterize = op_idx == RANDAUGMENT_OPS.index("Posterize")
+    values = torch.where(posterize, randaugment_values("Posterize", mags, num_bins, height, width), values)
+    signed = torch.tensor([name in _SIGNED for name in RANDAUGMENT_OPS])[op_idx]
+    values = torch.where(signed & negate, -values, values)
     return RandAugmentParams(ops=op_idx, magnitudes=mags, values=values)
 
 
