@@ -44,6 +44,7 @@ def _default_run_dir(name: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model; the run directory receives config, metrics, checkpoints, plots and a summary."""
     from tinyswin.config import load_config
+    from tinyswin.distributed import DistributedError, distributed
     from tinyswin.train import TrainingError, resume_config, train
 
     overrides = list(args.overrides)
@@ -68,8 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         name = preset or Path(args.config).stem
         run_dir = args.out or _default_run_dir(name)
     try:
-        train(cfg, run_dir, resume=args.resume, progress=False if args.quiet else None)
-    except TrainingError as exc:
+        with distributed(cfg.device) as dist:  # torchrun's process group, or one process
+            train(cfg, run_dir, resume=args.resume, dist=dist, progress=False if args.quiet else None)
+    except (TrainingError, DistributedError) as exc:
         print(f"tinyswin train: stopped: {exc}", file=sys.stderr)
         return 1
     return 0
