@@ -127,6 +127,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `tinyswin` command."""
+    from tinyswin.config import config_preset_names
+
     parser = argparse.ArgumentParser(
         prog="tinyswin",
         description="Train a Swin Transformer from scratch on small images.",
@@ -170,9 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Learning rate rule: optim.lr * batch_size / optim.lr_base_batch.",
     )
     p.add_argument("--data", default=None, help="a cache, or a dataset to prepare into one (zip or folder)")
-    p.add_argument(
-        "--preset", default=None, help="a training preset (configs/NAME.yaml): default, seed, fast"
-    )
+    presets = ", ".join(config_preset_names())
+    p.add_argument("--preset", default=None, help=f"a training preset (default: 'default'): {presets}")
     p.add_argument("--config", default=None, help="a YAML file of keys applied over the preset")
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<date>-<time>)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (schedule.epochs)")
