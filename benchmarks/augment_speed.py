@@ -6,8 +6,11 @@ Prints, all measured in this run on one CPU thread (``torch.set_num_threads(1)``
   (images decoded beforehand, since the uint8 cache spares us the decoding),
 - the ratios; and, when CUDA is available, tinyswin's images/s on the GPU (default batch 1024).
 
+Each rate is given twice: by wall clock and by the thread's CPU time. Both pipelines run on one thread,
+so on a machine shared with other work the CPU-time rates are the steadier comparison.
+
 Images: JPEGs from the Tiny ImageNet subset zip when it exists (``--zip``), otherwise smooth synthetic
-images (and a synthetic JPEG encoding of them for the decode baseline).
+images (JPEG-encoded, for the decode baseline).
 
 Usage: python benchmarks/augment_speed.py [--images 2000] [--batch 256] [--gpu-batch 1024]
 """
@@ -18,6 +21,7 @@ import argparse
 import io
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +36,7 @@ DEFAULT_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-im
 
 
 def load_jpegs(zip_path: Path, count: int) -> list[bytes]:
-    """The first ``count`` training JPEGs of the zip, as encoded bytes."""
+    """``count`` training JPEGs spread over the zip's classes, as encoded bytes."""
     with zipfile.ZipFile(zip_path) as zf:
         names = sorted(n for n in zf.namelist() if "/train/" in n and n.endswith(".JPEG"))
         step = max(1, len(names) // count)
@@ -45,15 +49,13 @@ def synthetic_jpegs(count: int, size: int = 64, seed: int = 0) -> list[bytes]:
     yy, xx = np.mgrid[0:size, 0:size] / size
     out = []
     for _ in range(count):
-        img = np.zeros((size, size, 3))
+        img = np.zeros((size, size, 3)) + rng.uniform(60, 190, size=3)
         for _ in range(4):
             f = rng.uniform(0.5, 4.0, size=2)
-            ph = rng.uniform(0, 2 * np.pi, size=3)
-            amp = rng.uniform(20, 60, size=3)
-            img += amp * np.sin(2 * np.pi * (f[0] * xx + f[1] * yy))[..., None] + amp * np.cos(ph)
-        img = np.clip(img + 128, 0, 255).astype(np.uint8)
+            amp = rng.uniform(10, 40, size=3)
+            img += amp * np.sin(2 * np.pi * (f[0] * xx + f[1] * yy) + rng.uniform(0, 6.3))[..., None]
         buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
@@ -75,39 +77,42 @@ def notebook_transform():
     )
 
 
-def per_image_rate(jpegs: list[bytes], decode: bool) -> float:
-    """Images/s of the notebook transform (plus batch Mixup/CutMix cost is negligible and left out)."""
+def timed(fn: Callable[[], int], sync: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """(images/s by wall clock, images/s by thread CPU time) of ``fn``, which returns an image count."""
+    sync()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    count = fn()
+    sync()
+    return count / (time.perf_counter() - wall), count / (time.thread_time() - cpu)
+
+
+def per_image(jpegs: list[bytes], decode: bool) -> tuple[float, float]:
+    """Rates of the notebook transform per image (Mixup/CutMix, once per batch, is left out)."""
     tf = notebook_transform()
-    images = None if decode else [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
-    start = time.perf_counter()
     if decode:
-        for b in jpegs:
-            tf(Image.open(io.BytesIO(b)).convert("RGB"))
-    else:
-        for im in images:
-            tf(im)
-    return len(jpegs) / (time.perf_counter() - start)
+        return timed(
+            lambda: sum(1 for b in jpegs if tf(Image.open(io.BytesIO(b)).convert("RGB")) is not None)
+        )
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
+    return timed(lambda: sum(1 for im in images if tf(im) is not None))
 
 
-def batched_rate(
-    batch: torch.Tensor, labels: torch.Tensor, batch_size: int, repeats: int, device: str
-) -> float:
-    """Images/s of tinyswin's 'seed' Augment on batches of ``batch_size`` (after one warm-up batch)."""
+def batched(images: torch.Tensor, batch_size: int, repeats: int, device: str) -> tuple[float, float]:
+    """Rates of tinyswin's 'seed' Augment (mixing included) on batches of ``batch_size``, after a warm-up."""
     aug = build_augment(augment_preset("seed"), MEAN, STD, num_classes=200)
     gen = torch.Generator().manual_seed(0)
-    n = batch.shape[0]
-    reps = -(-batch_size // n)
-    data = batch.repeat(reps, 1, 1, 1)[:batch_size].to(device)  # (batch_size, H, W, 3)
-    lab = labels.repeat(reps)[:batch_size].to(device)
-    aug(data, lab, gen)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        aug(data, lab, gen)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return repeats * batch_size / (time.perf_counter() - start)
+    reps = -(-batch_size // images.shape[0])
+    data = images.repeat(reps, 1, 1, 1)[:batch_size].to(device)  # (batch_size, H, W, 3) uint8
+    labels = (torch.arange(batch_size) % 200).to(device)
+    aug(data, labels, gen)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run() -> int:
+        for _ in range(repeats):
+            aug(data, labels, gen)
+        return repeats * batch_size
+
+    return timed(run, sync)
 
 
 def main() -> None:
@@ -127,23 +132,28 @@ def main() -> None:
         jpegs = synthetic_jpegs(args.images)
         source = f"{len(jpegs)} synthetic JPEGs (no zip at {args.zip})"
     decoded = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
-    batch = torch.from_numpy(decoded)  # (N, 64, 64, 3) uint8
-    labels = torch.arange(batch.shape[0]) % 200
-    print(f"images: {source}; torch {torch.__version__}; 1 CPU thread")
+    images = torch.from_numpy(decoded)  # (N, 64, 64, 3) uint8
+    print(f"images: {source}; torch {torch.__version__}; 1 CPU thread; rates as wall / CPU-time images/s")
 
-    ours = batched_rate(batch, labels, args.batch, args.repeats, "cpu")
-    ref_nodecode = per_image_rate(jpegs, decode=False)
-    ref_decode = per_image_rate(jpegs, decode=True)
-    print(f"tinyswin Augment('seed'), batch {args.batch}, CPU 1 thread: {ours:10.0f} images/s")
-    print(f"torchvision per-image, PIL pre-decoded, 1 thread:       {ref_nodecode:10.0f} images/s")
-    print(f"torchvision per-image, with JPEG decode, 1 thread:       {ref_decode:10.0f} images/s")
-    print(f"ratio vs per-image without decode: {ours / ref_nodecode:6.1f}x")
-    print(f"ratio vs per-image with decode:    {ours / ref_decode:6.1f}x")
+    ours = batched(images, args.batch, args.repeats, "cpu")
+    plain = per_image(jpegs, decode=False)
+    decode = per_image(jpegs, decode=True)
+    rows = [
+        (f"tinyswin Augment('seed'), batch {args.batch}", ours),
+        ("torchvision per image, PIL pre-decoded", plain),
+        ("torchvision per image, with JPEG decode", decode),
+    ]
+    for name, (wall, cpu) in rows:
+        print(f"{name:45s} {wall:9.0f} / {cpu:9.0f}")
+    print(
+        f"{'ratio vs per image without decode':45s} {ours[0] / plain[0]:8.1f}x / {ours[1] / plain[1]:8.1f}x"
+    )
+    print(f"{'ratio vs per image with decode':45s} {ours[0] / decode[0]:8.1f}x / {ours[1] / decode[1]:8.1f}x")
     if torch.cuda.is_available():
-        gpu = batched_rate(batch, labels, args.gpu_batch, max(args.repeats, 20), "cuda")
-        name = torch.cuda.get_device_name()
-        print(f"tinyswin Augment('seed'), batch {args.gpu_batch}, {name}: {gpu:10.0f} images/s")
-        print(f"ratio GPU vs per-image without decode (1 thread): {gpu / ref_nodecode:8.1f}x")
+        wall, _ = batched(images, args.gpu_batch, max(args.repeats, 20), "cuda")
+        name = f"tinyswin Augment('seed'), batch {args.gpu_batch}, {torch.cuda.get_device_name()}"
+        print(f"{name}: {wall:.0f} images/s (wall)")
+        print(f"{'ratio GPU vs per image without decode (wall)':45s} {wall / plain[0]:8.1f}x")
     else:
         print("CUDA: not available here (no GPU number)")
 

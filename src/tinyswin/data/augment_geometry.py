@@ -152,7 +152,13 @@ def _filter(d: Tensor, interpolation: str) -> Tensor:
 
 
 def _resample_weights(
-    start: Tensor, length: Tensor, in_size: int, out_size: int, interpolation: str, flip: Tensor | None
+    start: Tensor,
+    length: Tensor,
+    in_size: int,
+    out_size: int,
+    interpolation: str,
+    flip: Tensor | None,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
     """Per-sample 1-D antialiased resampling matrices of a crop, as PyTorch's ``antialias=True`` kernels.
 
@@ -163,18 +169,20 @@ def _resample_weights(
         out_size: output length.
         interpolation: 'bilinear' or 'bicubic'.
         flip: ``(N,)`` bool; reverse the output axis where True.
+        device: where to build the matrices (float64 arithmetic on every device).
 
     Returns:
-        ``(N, out_size, in_size)`` float32 weights, rows summing to 1 over the crop.
+        ``(N, out_size, in_size)`` float32 weights on ``device``, rows summing to 1 over the crop.
     """
+    start, length = start.to(device), length.to(device)
     half = 1.0 if interpolation == "bilinear" else 2.0
     scale = (length.double() / out_size).unsqueeze(1)  # (N, 1)
     support = torch.where(scale >= 1.0, half * scale, torch.full_like(scale, half))
     invscale = torch.where(scale >= 1.0, 1.0 / scale, torch.ones_like(scale))
-    center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)  # (N, out)
+    center = scale * (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5)  # (N, out)
     lo = torch.trunc(center - support + 0.5).clamp(min=0.0)
     hi = torch.minimum(torch.trunc(center + support + 0.5), length.double().unsqueeze(1))
-    rel = torch.arange(in_size, dtype=torch.float64) - start.double().unsqueeze(1)  # (N, in)
+    rel = torch.arange(in_size, dtype=torch.float64, device=device) - start.double().unsqueeze(1)  # (N, in)
     rel = rel.unsqueeze(1)  # (N, 1, in)
     weights = _filter(
         (rel - center.unsqueeze(2) + 0.5) * invscale.unsqueeze(2), interpolation
@@ -182,12 +190,18 @@ def _resample_weights(
     weights = weights * ((rel >= lo.unsqueeze(2)) & (rel < hi.unsqueeze(2)))
     weights = weights / weights.sum(dim=2, keepdim=True).clamp(min=1e-12)
     if flip is not None:
-        weights = torch.where(flip.view(-1, 1, 1), weights.flip(1), weights)
+        weights = torch.where(flip.to(device).view(-1, 1, 1), weights.flip(1), weights)
     return weights.to(torch.float32)
 
 
-def _clamped_grid(boxes: CropBoxes, flip: Tensor, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
-    """``grid_sample`` grid of a bilinear, non-shrinking resized crop: ``(N, oh, ow, 2)`` float32."""
+def _clamped_grid(
+    boxes: CropBoxes, flip: Tensor, in_hw: tuple[int, int], out_hw: tuple[int, int], device: torch.device
+) -> Tensor:
+    """Sampling grid of a bilinear, non-shrinking resized crop: ``(N, oh, ow, 2)`` float32 on ``device``.
+
+    The per-sample x and y coordinates (``(N, ow)`` and ``(N, oh)``) are computed on the CPU in float64;
+    only they travel to the device, where the grid is expanded.
+    """
     coords = []
     for start, length, size, out, rev in (
         (boxes.left, boxes.width, in_hw[1], out_hw[1], flip),
@@ -198,7 +212,7 @@ def _clamped_grid(boxes: CropBoxes, flip: Tensor, in_hw: tuple[int, int], out_hw
             idx = torch.where(rev.unsqueeze(1), out - 1 - idx, idx)
         src = (idx + 0.5) * (length.double() / out).unsqueeze(1) - 0.5
         src = torch.minimum(src.clamp(min=0.0), (length - 1).double().unsqueeze(1)) + start.unsqueeze(1)
-        coords.append(((2.0 * src + 1.0) / size - 1.0).to(torch.float32))
+        coords.append(((2.0 * src + 1.0) / size - 1.0).to(dtype=torch.float32).to(device))
     gx, gy = coords  # (N, ow), (N, oh)
     n, (oh, ow) = len(gx), out_hw
     return torch.stack([gx.unsqueeze(1).expand(n, oh, ow), gy.unsqueeze(2).expand(n, oh, ow)], dim=3)
@@ -223,11 +237,11 @@ def resized_crop(
     oh, ow = out_hw
     shrinks = bool((boxes.height > oh).any() or (boxes.width > ow).any())
     if interpolation == "bilinear" and not shrinks:
-        grid = _clamped_grid(boxes, flip, (h, w), out_hw).to(x.device)
+        grid = _clamped_grid(boxes, flip, (h, w), out_hw, x.device)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out.round_()  # bilinear weights are convex: no clamping needed
-    wy = _resample_weights(boxes.top, boxes.height, h, oh, interpolation, None).to(x.device)  # (N, oh, H)
-    wx = _resample_weights(boxes.left, boxes.width, w, ow, interpolation, flip).to(x.device)  # (N, ow, W)
+    wy = _resample_weights(boxes.top, boxes.height, h, oh, interpolation, None, x.device)  # (N, oh, H)
+    wx = _resample_weights(boxes.left, boxes.width, w, ow, interpolation, flip, x.device)  # (N, ow, W)
     out = torch.matmul(torch.matmul(wy.unsqueeze(1), x), wx.transpose(1, 2).unsqueeze(1))  # (N, 3, oh, ow)
     return out.clamp_(0.0, 255.0).round_()
 
