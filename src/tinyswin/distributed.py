@@ -70,7 +70,9 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
             raise ValueError(f"environment variable {key}={raw!r} is not an integer") from None
     rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise ValueError(f"environment variables RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} disagree")
+        raise ValueError(
+            f"environment variables RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} disagree"
+        )
     return LaunchEnv(rank=rank, world_size=world, local_rank=local)
 
 
@@ -137,7 +139,7 @@ def distributed(
     try:
         yield ctx
     except tdist.DistError as exc:
-        silent = _silent_ranks(probe, ctx)
+        silent = _silent_ranks(probe, ctx, min(seconds, _PROBE_TIMEOUT_S))
         who = f"rank(s) {', '.join(map(str, silent))} did not answer" if silent else "another rank failed"
         raise DistributedError(
             f"rank {ctx.rank} of {ctx.world_size}: a collective failed or timed out after {seconds:g} s "
@@ -147,12 +149,10 @@ def distributed(
         tdist.destroy_process_group()
 
 
-def _silent_ranks(probe: tdist.ProcessGroup, ctx: DistContext) -> list[int]:
-    """Ranks that do not reach a monitored barrier within a short wait (rank 0's view; [] elsewhere)."""
+def _silent_ranks(probe: tdist.ProcessGroup, ctx: DistContext, seconds: float) -> list[int]:
+    """Ranks that do not reach a monitored barrier within `seconds` (rank 0's view; [] elsewhere)."""
     try:
-        tdist.monitored_barrier(
-            group=probe, timeout=datetime.timedelta(seconds=_PROBE_TIMEOUT_S), wait_all_ranks=True
-        )
+        tdist.monitored_barrier(group=probe, timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True)
     except Exception as exc:  # noqa: BLE001 - the barrier's error carries the ranks; anything else: unknown
         text = str(exc)
         print(f"rank {ctx.rank}: {text.splitlines()[0] if text else exc!r}", file=sys.stderr)
