@@ -1,8 +1,8 @@
 """Training under torchrun on the CPU (gloo): 2 processes equal 1, eval agrees, resume across N, failures.
 
-The tiny runs use augmentation preset 'none' without flips and drop path 0: their only randomness is the data order, which
-depends on (seed, epoch) alone, so 1 and 2 processes see the same global batches. (Augmentation draws and drop
-path are seeded per rank, so with them on the two runs are equally valid but not equal.)
+The tiny runs use augmentation preset 'none' without flips and drop path 0: their only randomness is the data
+order, which depends on (seed, epoch) alone, so 1 and 2 processes see the same global batches. (Augmentation
+draws and drop path are seeded per rank, so with them on the two runs are equally valid but not equal.)
 
 Tolerance of the equivalence: with 2 processes each rank averages the loss over its half batch and DDP
 averages the two gradients, which is the same mean as one process's, summed in another order. fp32 rounding
@@ -14,6 +14,7 @@ weights by more than 50x that. Per-epoch losses agree to 1e-5 relative.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -304,10 +305,8 @@ def test_a_hung_rank_times_out_with_an_error_naming_it(tmp_path: Path) -> None:
     try:
         code, out, seconds = _finish(launcher, within=90)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(workers[1], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert code != 0, out
     assert "rank 0 of 2: a collective failed or timed out after 5 s" in out, out
     assert "rank(s) 1 did not answer" in out, out

@@ -153,7 +153,7 @@ def _silent_ranks(probe: tdist.ProcessGroup, ctx: DistContext, seconds: float) -
     """Ranks that do not reach a monitored barrier within `seconds` (rank 0's view; [] elsewhere)."""
     try:
         tdist.monitored_barrier(group=probe, timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True)
-    except Exception as exc:  # noqa: BLE001 - the barrier's error carries the ranks; anything else: unknown
+    except Exception as exc:  # the barrier's error names the silent ranks; any other error: unknown
         text = str(exc)
         print(f"rank {ctx.rank}: {text.splitlines()[0] if text else exc!r}", file=sys.stderr)
         return _ranks_in(text)
