@@ -518,6 +518,16 @@ def test_mix_false_and_unmixed_batches_give_integer_targets() -> None:
     assert targets.dtype == torch.int64 and torch.equal(x, none.normalize(imgs))
 
 
+def test_flip_without_crop_mirrors_the_chosen_samples() -> None:
+    imgs = smooth_images(16, size=32).permute(0, 2, 3, 1)
+    aug = build_augment(AugmentConfig(hflip=0.5), MEAN, STD, 10)
+    params = aug.sample(16, 32, 32, torch.Generator().manual_seed(20))
+    x, _ = aug.apply(imgs, torch.arange(16), params)
+    plain = aug.normalize(imgs)
+    expected = torch.where(params.flip.view(16, 1, 1, 1), plain.flip(3), plain)
+    assert torch.equal(x, expected) and 0 < int(params.flip.sum()) < 16
+
+
 def test_out_size_gives_the_training_resolution() -> None:
     imgs = smooth_images(4, size=64).permute(0, 2, 3, 1)
     for crop in ("rrc", "pad", "none"):

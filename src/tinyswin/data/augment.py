@@ -18,10 +18,26 @@ The pipeline, in the notebook's order:
 6. Mixup / CutMix with soft targets (per batch, as the notebook, or per sample).
 
 Steps 1-3 keep the batch as float32 whole numbers in [0, 255] and reproduce torchvision's uint8 tensor
-ops (``torchvision.transforms.functional``): same arithmetic, same rounding and truncation back to
-uint8, same parameter distributions. Differences from the notebook, which ran the same transforms on PIL
-images: PIL's resampling and enhancement filters round differently from torchvision's tensor ops (a level
-or so on some pixels), and the random streams are of course different.
+ops (``torchvision.transforms.functional``, the v1 API): same float32 arithmetic, same rounding and
+truncation back to uint8, same parameter distributions. With the parameters pinned, every colour and
+pixel op, every nearest-neighbour RandAugment warp (torchvision's default) and every bilinear crop that
+does not shrink (the 64px recipes) gives torchvision's result bit for bit; shrinking (antialiased) or
+bicubic crops and bilinear RandAugment warps can differ by one level where a value sits on a .5 rounding
+tie. The crop and RandAugment warps are separate resamplings, as in torchvision (composing them into one
+warp would change the fill and skip the intermediate rounding). Differences from the notebook, which ran
+the same transforms on PIL images: PIL's filters round differently from torchvision's tensor ops (a level
+on some pixels), and the random streams differ.
+
+Mixing follows the notebook's per-batch rule by default: Mixup with probability ``mixup_p``, otherwise
+CutMix with probability ``cutmix_p`` (``mix_select='sequential'``; 'exclusive' makes the two
+probabilities absolute). Lambda ~ Beta(alpha, alpha), clipped to ``mix_lambda_clip``; the CutMix box is
+clipped to the image and lambda recomputed from its area; soft targets are ``lam * y + (1 - lam) *
+y[partner]`` (with ``mix_label_smoothing`` folded into both one-hot vectors).
+
+Speed: nothing loops over samples. Parameters are drawn for the whole batch at once; every op runs on all
+the samples that drew it (gathered with ``index_select``, written back with ``index_copy_``); masks are
+0/1 float arithmetic, histograms one ``bincount``/``scatter_add_``. On a CPU the ColorJitter blends run on
+cache-sized slices of the batch, and small batches run fastest with ``torch.set_num_threads(1)``.
 """
 
 from __future__ import annotations
@@ -428,7 +444,8 @@ class Augment:
             if params.crop is not None:
                 x = pad_crop(x, params.crop, params.flip, cfg.crop_padding)
             elif bool(params.flip.any()):
-                x = torch.where(params.flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+                idx = params.flip.nonzero().squeeze(1).to(x.device)
+                x.index_copy_(0, idx, x.index_select(0, idx).flip(3))
         if params.randaug is not None:
             x = randaugment_(x, params.randaug, cfg.randaug_interpolation)
         if params.jitter is not None:
