@@ -300,7 +300,8 @@ def color_jitter_(x: Tensor, params: ColorJitterParams) -> Tensor:
     level, the gray image), so each of the four steps runs one blend over the whole batch with per-sample
     factors and per-sample choice of D (samples whose step is hue or a disabled op get ``f = 1`` and
     ``D = 0``, an exact no-op); the samples whose step is hue are then gathered and hue-shifted. Results
-    equal torchvision's ops applied one by one.
+    equal torchvision's ops applied one by one. On a CPU the blend walks the batch in slices of
+    ``_BLEND_ROWS`` samples so that its passes stay in cache; on a GPU it takes the batch at once.
 
     Args:
         x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255]; overwritten with the result.
@@ -313,7 +314,7 @@ def color_jitter_(x: Tensor, params: ColorJitterParams) -> Tensor:
         return x
     n = x.shape[0]
     enabled = torch.tensor(params.enabled)
-    rows = min(n, _BLEND_ROWS)
+    rows = n if x.device.type != "cpu" else min(n, _BLEND_ROWS)
     gray = torch.empty(rows, 1, *x.shape[2:], dtype=x.dtype, device=x.device)
     for step in range(4):
         op = params.order[:, step]  # (N,)
