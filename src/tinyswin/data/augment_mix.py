@@ -152,7 +152,11 @@ def erase(x: Tensor, params: EraseParams, value: float | tuple[float, ...] = 0.0
 
 
 def sample_beta(alpha: float, n: int, generator: torch.Generator) -> Tensor:
-    """``n`` draws of Beta(alpha, alpha) from two Gamma draws, float64 CPU ``(n,)``."""
+    """``n`` draws of Beta(alpha, alpha) from two Gamma draws, float64 CPU ``(n,)``.
+
+    ``torch._standard_gamma`` is the one sampler in torch that takes a ``torch.Generator`` (the public
+    ``torch.distributions.Beta`` draws from the global generator).
+    """
     conc = torch.full((2, n), float(alpha), dtype=torch.float64)
     g = torch._standard_gamma(conc, generator=generator)  # (2, n)
     total = g.sum(0)

@@ -10,6 +10,7 @@ transformed together and written back.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -199,7 +200,7 @@ def _apply_pixel_op_(x: Tensor, op: str, values: Tensor) -> Tensor:
     raise ValueError(f"unknown RandAugment op {op!r}; expected one of {RANDAUGMENT_OPS}")
 
 
-def _groups(column: Tensor, count: int):
+def _groups(column: Tensor, count: int) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(k, cpu_indices)`` for each value ``k`` in ``range(count)`` present in ``column`` (N,)."""
     order = torch.argsort(column, stable=True)
     counts = torch.bincount(column, minlength=count).tolist()
