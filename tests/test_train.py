@@ -27,7 +27,9 @@ from tinyswin.train import (
     LoopState,
     TrainingError,
     _replan,
+    build_model_config,
     compress_schedule,
+    plan_budget,
     train,
     train_one_epoch,
 )
@@ -74,6 +76,11 @@ def tiny_overrides(cache: Path, epochs: int = 12) -> list[str]:
     ]
 
 
+def tiny_run_overrides(cache: Path, epochs: int = 12) -> list[str]:
+    """The reference run of this module: the tiny config with an EMA of the weights."""
+    return [*tiny_overrides(cache, epochs), "ema.enabled=true", "ema.decay=0.9"]
+
+
 def tiny_config(cache: Path, *extra: str, epochs: int = 12) -> TrainConfig:
     return load_config(None, None, [*tiny_overrides(cache, epochs), *extra])
 
@@ -95,7 +102,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> tuple[Path, dict, TrainConfig]:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = tiny_config(tiny_cache)
+    cfg = load_config(None, None, tiny_run_overrides(tiny_cache))
     lines: list[str] = []
     summary = train(cfg, run_dir, progress=False, log=lines.append)
     return run_dir, summary, cfg
@@ -168,6 +175,10 @@ def test_eval_of_best_reproduces_the_logged_best_top1_exactly(tiny_run) -> None:
     assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
     last = evaluate_checkpoint(run_dir / "last.pt", split="train", log=lambda _m: None)
     assert last["n"] == 200 and last["split"] == "train"
+    ema = evaluate_checkpoint(run_dir / "last.pt", ema=True, log=lambda _m: None)
+    assert ema["top1"] == records[-1]["ema_val_top1"]
+    assert ema["loss"] == pytest.approx(records[-1]["ema_val_loss"], rel=1e-6)
+    assert ema["loss"] != pytest.approx(records[-1]["val_loss"], rel=1e-6)  # other weights than the raw ones
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tiny_run, tiny_cache: Path, tmp_path: Path) -> None:
@@ -195,6 +206,9 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert ca["step"] == cb["step"]
     for name, tensor in ca["model"].items():
         assert torch.equal(tensor, cb["model"][name]), name
+    assert (ca["ema"] is None) == (cb["ema"] is None)
+    for name, tensor in (ca["ema"] or {}).items():
+        assert torch.equal(tensor, cb["ema"][name]), f"ema {name}"
     sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
     for index, state in sa.items():
         for key, value in state.items():
@@ -324,6 +338,50 @@ def test_too_many_nonfinite_losses_in_a_row_stop_with_a_clear_error(tiny_cache: 
     assert torch.equal(model.fc.weight, before)  # no step was taken
 
 
+def test_accumulation_matches_one_big_batch(tiny_cache: Path) -> None:
+    from tinyswin.data import BatchLoader
+    from tinyswin.data.augment import build_augment
+    from tinyswin.model import SwinTransformer
+
+    cache = load_cache(tiny_cache)
+    augment = build_augment("none", cache.mean, cache.std, 4)
+    finals = []
+    for accumulation in (1, 4):
+        cfg = tiny_config(
+            tiny_cache, "model.drop_path_rate=0", "augment.hflip=0", f"accumulation={accumulation}"
+        )
+        torch.manual_seed(0)
+        model = SwinTransformer(build_model_config(cfg, 4, 32))
+        loader = BatchLoader(*cache.split("train"), 16 // accumulation, seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sched = WarmupCosine(
+            opt, 1e-3, iters_per_epoch=len(loader) // accumulation, epochs=1, warmup_epochs=0
+        )
+        state = LoopState()
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        cpu = torch.device("cpu")
+        stats = train_one_epoch(
+            model,
+            loader,
+            augment,
+            opt,
+            sched,
+            scaler,
+            state,
+            cfg=cfg,
+            epoch=0,
+            mix=False,
+            device=cpu,
+            amp_dtype=None,
+        )
+        assert stats.steps == state.step == 12 and stats.images == 192
+        finals.append((model.state_dict(), stats.loss))
+    (a, loss_a), (b, loss_b) = finals
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- time budget
 
 
@@ -336,6 +394,23 @@ def test_compress_schedule_scales_warmup_and_mixing_windows() -> None:
     assert short["min_lr"] == seed["min_lr"] and short["step"] == "epoch"
     long = compress_schedule(seed, 400)
     assert long["warmup_epochs"] == pytest.approx(20.0) and long["mix_off_last_epochs"] == 20
+
+
+def test_plan_fits_the_first_epoch_and_whole_epochs_after_it() -> None:
+    cfg = apply_overrides(load_config("seed"), ["time_budget=600"])
+    # 2 s a step, 50 steps an epoch, 10 s of evaluation: 110 s an epoch; 20 s gone, 5 steps done
+    plan = plan_budget(
+        cfg, sec_per_step=2.0, eval_seconds=10.0, iters_per_epoch=50, steps_done=5, elapsed=20.0
+    )
+    left = (600 - 20) / 1.03 - (45 * 2.0 + 10.0)  # after the rest of the first epoch
+    assert plan["schedule"]["epochs"] == 1 + int(left // 110) == 5
+    assert plan["schedule"]["warmup_epochs"] == pytest.approx(10 * 5 / 200)
+    assert plan["original_schedule"]["epochs"] == 200 and plan["budget_s"] == 600
+    # slower than the budget allows: one epoch, never zero
+    slow = plan_budget(
+        cfg, sec_per_step=60.0, eval_seconds=10.0, iters_per_epoch=50, steps_done=2, elapsed=90.0
+    )
+    assert slow["schedule"]["epochs"] == 1
 
 
 def test_replan_fits_the_remaining_epochs_into_the_budget() -> None:
@@ -396,7 +471,7 @@ def _lines(run_dir: Path) -> int:
 
 @pytest.fixture(scope="module")
 def cli_reference(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> tuple[Path, list[str]]:
-    overrides = tiny_overrides(tiny_cache, epochs=5)
+    overrides = tiny_run_overrides(tiny_cache, epochs=5)
     run_dir = tmp_path_factory.mktemp("cli") / "reference"
     proc = _cli_train(run_dir, overrides)
     out, _ = proc.communicate(timeout=300)

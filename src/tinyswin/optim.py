@@ -158,6 +158,12 @@ class WarmupCosine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def reschedule(self, *, epochs: float, warmup_epochs: float) -> None:
+        """Change the length of the schedule from the next step on (a time budget's plan)."""
+        self.epochs = epochs
+        self.warmup_epochs = warmup_epochs
+        self._apply()
+
     def state_dict(self) -> dict[str, Any]:
         """`{"steps": n}` plus the schedule's parameters (for the record)."""
         return {

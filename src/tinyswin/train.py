@@ -16,7 +16,6 @@ over processes and accumulation steps; only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -372,7 +371,7 @@ def train_one_epoch(
     ema: torch.optim.swa_utils.AveragedModel | None = None,
     dist: DistContext | None = None,
     progress: Any = None,
-    max_steps: int | None = None,
+    step_hook: Callable[[int], None] | None = None,
 ) -> EpochStats:
     """One pass over the training split.
 
@@ -392,7 +391,7 @@ def train_one_epoch(
         ema: the weight average to update after each step, if any.
         dist: process context (None: one process).
         progress: a tqdm bar to update, or None.
-        max_steps: stop after this many optimizer steps (used to time a few steps).
+        step_hook: called with the number of steps done in this epoch after each optimizer step.
 
     Raises:
         TrainingError: `cfg.max_nonfinite` non-finite losses in a row.
@@ -406,9 +405,8 @@ def train_one_epoch(
     torch.manual_seed(derive_seed(cfg.seed, _TORCH_STREAM, epoch, rank))
     accum = cfg.accumulation
     steps = len(loader) // accum
-    if max_steps is not None:
-        steps = min(steps, max_steps)
     batches = iter(loader)
+    first_step = state.step
     loss_total, finite_steps, nonfinite, images = 0.0, 0, 0, 0
     start = time.perf_counter()
     lr = scheduler.get_last_lr()
@@ -451,6 +449,8 @@ def train_one_epoch(
             finite_steps += 1
         scheduler.step()
         state.step += 1
+        if step_hook is not None:
+            step_hook(state.step - first_step)
         if progress is not None:
             elapsed = time.perf_counter() - start
             progress.update(1)
@@ -728,31 +728,13 @@ def train(
         train_model = torch.compile(train_model)
         eval_model = train_model if dist.world_size == 1 else torch.compile(model)
 
-    # time budget: time a few steps on a copy, then fit the schedule
-    if cfg.time_budget is not None and (state.plan is None or state.plan.get("budget_s") != cfg.time_budget):
-        if resume:
-            raise ValueError("--time-budget on --resume must be the run's own budget (the plan is fixed)")
-        plan = _plan_budget(
-            cfg,
-            model,
-            loader,
-            augment,
-            eval_loaders,
-            normalize,
-            num_classes,
-            device,
-            amp_dtype,
-            use_scaler,
-            dist,
-            iters_per_epoch,
-            elapsed=time.perf_counter() - wall_start,
+    if cfg.time_budget is not None and state.plan is None and resume:
+        raise ValueError(
+            "time_budget can only be set when a run starts (its plan is made in the first epoch)"
         )
-        state.plan = plan
-        cfg = _apply_schedule(cfg, plan["schedule"])
-        say(
-            f"time budget {cfg.time_budget:.0f} s: {plan['sec_per_step'] * 1000:.0f} ms per step, "
-            f"~{plan['epoch_seconds']:.1f} s per epoch -> {cfg.schedule.epochs} epochs "
-            f"(warm-up {cfg.schedule.warmup_epochs:.2f})"
+    if cfg.time_budget is not None and state.plan is not None and state.plan["budget_s"] != cfg.time_budget:
+        raise ValueError(
+            f"time_budget={cfg.time_budget}: this run was planned for {state.plan['budget_s']} s"
         )
 
     scheduler = _build_scheduler(cfg, optimizer, iters_per_epoch)
@@ -780,6 +762,18 @@ def train(
     epoch_times: list[float] = []
     plot_clock = [0.0, 0.0]  # end and duration of the last plot drawing
     budget_clock = wall_start - state.train_seconds  # the budget counts wall time, across resumes
+
+    def measure_eval() -> float:
+        """Seconds one evaluation pass (all splits, raw and EMA) takes, timed on a batch of each split."""
+        seconds = 0.0
+        for eval_loader in eval_loaders.values():
+            batch = next(iter(eval_loader))
+            start = time.perf_counter()
+            evaluate(eval_model, iter([batch]), normalize, num_classes=num_classes, amp_dtype=amp_dtype)
+            per_image = (time.perf_counter() - start) / batch[1].shape[0]
+            seconds += per_image * eval_loader.num_total / dist.world_size * (2 if ema is not None else 1)
+        train_model.train()
+        return seconds
 
     def save(path: Path) -> None:
         atomic_save(
@@ -811,6 +805,9 @@ def train(
         mix = cfg.schedule.mix_off_first_epochs <= epoch < epochs - cfg.schedule.mix_off_last_epochs
         epoch_start = time.perf_counter()
         bar = _progress_bar(iters_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
+        hook = None
+        if cfg.time_budget is not None and state.plan is None:
+            hook = _BudgetPlanner(cfg, state, scheduler, iters_per_epoch, wall_start, measure_eval, dist)
         try:
             stats = train_one_epoch(
                 train_model,
@@ -828,10 +825,19 @@ def train(
                 ema=ema,
                 dist=dist,
                 progress=bar,
+                step_hook=hook,
             )
         finally:
             if bar is not None:
                 bar.close()
+        if hook is not None and hook.plan is not None:
+            cfg = _apply_schedule(cfg, hook.plan["schedule"])
+            plan = hook.plan
+            say(
+                f"time budget {plan['budget_s']:.0f} s: {plan['sec_per_step'] * 1000:.0f} ms per step, "
+                f"~{plan['epoch_seconds']:.1f} s per epoch -> {cfg.schedule.epochs} epochs "
+                f"(warm-up {cfg.schedule.warmup_epochs:.2f})"
+            )
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": state.step,
@@ -970,94 +976,99 @@ def _schedule_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg.schedule)
 
 
-def _plan_budget(
+def plan_budget(
     cfg: TrainConfig,
-    model: nn.Module,
-    loader: Any,
-    augment: Any,
-    eval_loaders: dict[str, Any],
-    normalize: Callable[[torch.Tensor], torch.Tensor],
-    num_classes: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    use_scaler: bool,
-    dist: DistContext,
+    *,
+    sec_per_step: float,
+    eval_seconds: float,
     iters_per_epoch: int,
+    steps_done: int,
     elapsed: float,
 ) -> dict[str, Any]:
-    """Time a few training steps and an evaluation on a copy of the model; fit the schedule to the budget."""
+    """The plan of a time-budgeted run, made during its first epoch from the measured speed.
+
+    With `elapsed` seconds gone (setup included) and `steps_done` steps of the first epoch taken, the rest of
+    that epoch plus N - 1 more epochs (each `sec_per_step * iters_per_epoch + eval_seconds`, with 3% spare for
+    checkpoints and plots) must fit in what is left of `cfg.time_budget`. The schedule section is then
+    compressed (or stretched) to N epochs, see `compress_schedule`.
+    """
     assert cfg.time_budget is not None
-    probe_start = time.perf_counter()
-    probe = copy.deepcopy(model)
-    probe_model: nn.Module = torch.compile(probe) if cfg.compile else probe
-    optimizer = build_adamw(probe, cfg.peak_lr(), weight_decay=cfg.optim.weight_decay, device=device)
-    scheduler = _build_scheduler(cfg, optimizer, iters_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    probe_cfg = dataclasses.replace(cfg, max_nonfinite=10**9)
-    warm = min(2, iters_per_epoch)
-    train_one_epoch(
-        probe_model,
-        loader,
-        augment,
-        optimizer,
-        scheduler,
-        scaler,
-        LoopState(),
-        cfg=probe_cfg,
-        epoch=0,
-        mix=True,
-        device=device,
-        amp_dtype=amp_dtype,
-        dist=dist,
-        max_steps=warm,
-    )
-    timed = max(1, min(5, iters_per_epoch))
-    stats = train_one_epoch(
-        probe_model,
-        loader,
-        augment,
-        optimizer,
-        scheduler,
-        scaler,
-        LoopState(),
-        cfg=probe_cfg,
-        epoch=1,
-        mix=True,
-        device=device,
-        amp_dtype=amp_dtype,
-        dist=dist,
-        max_steps=timed,
-    )
-    sec_per_step = stats.seconds / max(stats.steps, 1)
-    eval_seconds = 0.0
-    for split, eval_loader in eval_loaders.items():
-        batches = list(_take(iter(eval_loader), 2))
-        start = time.perf_counter()
-        evaluate(probe_model, iter(batches), normalize, num_classes=num_classes, amp_dtype=amp_dtype)
-        seen = sum(labels.shape[0] for _, labels in batches)
-        per_image = (time.perf_counter() - start) / max(seen, 1)
-        eval_seconds += per_image * eval_loader.num_samples * (2 if cfg.ema.enabled else 1)
-        del split
-    del probe, probe_model, optimizer
     epoch_seconds = sec_per_step * iters_per_epoch + eval_seconds
-    left = cfg.time_budget - elapsed - (time.perf_counter() - probe_start)
+    first_rest = sec_per_step * (iters_per_epoch - steps_done) + eval_seconds
+    left = (cfg.time_budget - elapsed) / 1.03 - first_rest
+    epochs = 1 + (fitting_epochs(left, epoch_seconds) if left >= epoch_seconds else 0)
     original = _schedule_dict(cfg)
-    epochs = fitting_epochs(left, epoch_seconds * 1.03)  # a little room for checkpoints and plots
     return {
         "budget_s": cfg.time_budget,
         "sec_per_step": sec_per_step,
         "eval_seconds": eval_seconds,
         "epoch_seconds": epoch_seconds,
-        "probe_seconds": time.perf_counter() - probe_start,
+        "planned_at_s": elapsed,
         "original_schedule": original,
         "schedule": compress_schedule(original, epochs),
         "replanned": [],
     }
 
 
-def _take(it: Iterator[Any], n: int) -> Iterator[Any]:
-    for _, item in zip(range(n), it, strict=False):
-        yield item
+class _BudgetPlanner:
+    """Step hook of the first epoch of a time-budgeted run: times a few steps, then fits the schedule.
+
+    The first step (warm-up of kernels and allocations) is not timed; then up to 5 steps, or fewer if they
+    take more than 3% of the budget. The scheduler is switched to the plan at once, so the run follows it from
+    the next step; `plan` holds the plan afterwards.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        state: LoopState,
+        scheduler: WarmupCosine,
+        iters_per_epoch: int,
+        wall_start: float,
+        measure_eval: Callable[[], float],
+        dist: DistContext,
+    ) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.scheduler = scheduler
+        self.iters_per_epoch = iters_per_epoch
+        self.wall_start = wall_start
+        self.measure_eval = measure_eval
+        self.dist = dist
+        self.t1: float | None = None
+        self.plan: dict[str, Any] | None = None
+
+    def __call__(self, done: int) -> None:
+        if self.plan is not None:
+            return
+        now = time.perf_counter()
+        if self.t1 is None:
+            self.t1 = now
+            if self.iters_per_epoch > 1:
+                return
+        assert self.cfg.time_budget is not None
+        timed = done - 1
+        spent = now - self.t1
+        if timed < 5 and spent < 0.03 * self.cfg.time_budget and done < self.iters_per_epoch:
+            return
+        sec_per_step = spent / timed if timed > 0 else now - self.wall_start
+        measured = torch.tensor([sec_per_step, self.measure_eval()], dtype=torch.float64)
+        if self.dist.world_size > 1:  # every rank follows rank 0's measurement
+            import torch.distributed as tdist
+
+            tdist.broadcast(measured, src=0)
+        plan = plan_budget(
+            self.cfg,
+            sec_per_step=float(measured[0]),
+            eval_seconds=float(measured[1]),
+            iters_per_epoch=self.iters_per_epoch,
+            steps_done=done,
+            elapsed=time.perf_counter() - self.wall_start,
+        )
+        schedule = plan["schedule"]
+        self.scheduler.reschedule(epochs=schedule["epochs"], warmup_epochs=schedule["warmup_epochs"])
+        self.state.plan = plan
+        self.plan = plan
 
 
 def _replan(cfg: TrainConfig, state: LoopState, epoch_times: list[float], say: LogFn) -> TrainConfig:
