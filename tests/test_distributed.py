@@ -230,7 +230,7 @@ def test_resume_after_changing_the_number_of_processes(runs: dict[str, Path]) ->
             _metrics(base / "ref")[-1]["train_loss"], rel=LOSS_RTOL
         )
         assert _max_diff(_weights(base / name / "last.pt"), ref) <= 1.5 * WEIGHT_ATOL  # 15 steps, not 10
-    assert _max_diff(ref, _weights(runs["one"] / "last.pt")) > 50 * WEIGHT_ATOL  # epoch 3 did train
+    assert _max_diff(ref, _weights(runs["one"] / "last.pt")) > 10 * WEIGHT_ATOL  # epoch 3 (low lr) did train
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,3 +311,14 @@ def test_a_hung_rank_times_out_with_an_error_naming_it(tmp_path: Path) -> None:
     assert "rank 0 of 2: a collective failed or timed out after 5 s" in out, out
     assert "rank(s) 1 did not answer" in out, out
     assert seconds < 90
+
+
+def test_only_communication_errors_count_as_collective_failures() -> None:
+    from tinyswin.distributed import _is_collective_failure
+    from tinyswin.train import TrainingError
+
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/buffer.cc:78] Timed out waiting 5000ms for recv"
+    assert _is_collective_failure(RuntimeError(gloo))
+    assert _is_collective_failure(torch.distributed.DistBackendError("NCCL watchdog"))
+    assert not _is_collective_failure(TrainingError("the loss was not finite; Timed out waiting"))
+    assert not _is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

@@ -138,7 +138,9 @@ def distributed(
     probe = tdist.new_group(backend="gloo", timeout=delta)
     try:
         yield ctx
-    except tdist.DistError as exc:
+    except Exception as exc:
+        if not _is_collective_failure(exc):
+            raise
         silent = _silent_ranks(probe, ctx, min(seconds, _PROBE_TIMEOUT_S))
         who = f"rank(s) {', '.join(map(str, silent))} did not answer" if silent else "another rank failed"
         raise DistributedError(
@@ -147,6 +149,15 @@ def distributed(
         ) from exc
     else:
         tdist.destroy_process_group()
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    """A torch.distributed error, or the RuntimeError gloo raises on a timeout or a lost peer."""
+    if isinstance(exc, tdist.DistError):
+        return True
+    text = str(exc)
+    markers = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "/gloo/")
+    return type(exc) is RuntimeError and any(m in text for m in markers)
 
 
 def _silent_ranks(probe: tdist.ProcessGroup, ctx: DistContext, seconds: float) -> list[int]:
