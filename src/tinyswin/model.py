@@ -573,7 +573,8 @@ def add_residual(
 
     Args:
         x: (B, ...) input of the residual block.
-        branch: Residual branch, (b, ...) -> (b, ...) for any b.
+        branch: Residual branch, (b, ...) -> (b, ...) for any b; it must return a new tensor, which
+            may be added to in place.
         p: Drop probability.
         training: Without it, x + branch(x).
 
@@ -581,7 +582,7 @@ def add_residual(
         (B, ...).
     """
     if not training or p == 0.0:
-        return x + branch(x)
+        return branch(x).add_(x)
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return x + drop_path(branch(x), p, training)
     keep = 1.0 - p
@@ -711,7 +712,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1(x)
+        # when autograd does not record, GELU in place spares a buffer the size of the hidden layer
+        hidden = self.act(hidden) if hidden.requires_grad else torch.ops.aten.gelu_(hidden)
+        return self.fc2(hidden)
 
 
 class SwinBlock(nn.Module):
