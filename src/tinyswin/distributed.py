@@ -130,6 +130,8 @@ def distributed(
     ctx = DistContext(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank)
     dev = resolve_device(device, ctx)
     if dev.type == "cuda":
+        if dev.index is None:  # 'cuda': this process's GPU
+            dev = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(dev)
     backend = backend_for(dev)
     delta = datetime.timedelta(seconds=seconds)
