@@ -454,3 +454,17 @@ def test_bad_input_size_gives_the_nearest_sizes() -> None:
     with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\)"):
         model(torch.randn(1, 1, 64, 64))
     assert model(torch.randn(1, 3, 48, 80)).shape == (1, 10)  # a size the geometry allows
+
+
+def test_bfloat16_autocast_on_cpu_stays_close_to_float32() -> None:
+    config = preset_config("nano", img_size=32, depths=(2, 2), num_heads=(1, 2), drop_path_rate=0.0)
+    torch.manual_seed(0)
+    model = SwinTransformer(config)
+    x = torch.randn(2, 3, 32, 32)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -406,13 +406,12 @@ def block_geometry(
     return WindowGeometry(window, shift, padded)  # type: ignore[arg-type]
 
 
-def region_labels(length: int, padded: int, window: int, shift: int) -> torch.Tensor:
+def region_labels(length: int, padded: int, shift: int) -> torch.Tensor:
     """Label of each position of one side of the padded, shifted grid: 0 kept, 1 wrapped around, 2 padding.
 
     Args:
         length: Side of the feature map before padding.
         padded: Side after padding to a multiple of the window.
-        window: Window side.
         shift: Cyclic shift (towards the start) applied after padding.
 
     Returns:
@@ -441,8 +440,8 @@ def window_mask(size: IntPair, geometry: WindowGeometry) -> torch.Tensor | None:
     """
     if geometry.shift == (0, 0) and geometry.padded == tuple(size):
         return None
-    rows = region_labels(size[0], geometry.padded[0], geometry.window[0], geometry.shift[0])
-    cols = region_labels(size[1], geometry.padded[1], geometry.window[1], geometry.shift[1])
+    rows = region_labels(size[0], geometry.padded[0], geometry.shift[0])
+    cols = region_labels(size[1], geometry.padded[1], geometry.shift[1])
     labels = (rows[:, None] * 3 + cols[None, :]).float()  # (Hp, Wp)
     labels = window_partition(labels[None, :, :, None], geometry.window).squeeze(-1)  # (nW, N)
     different = labels[:, :, None] != labels[:, None, :]  # (nW, N, N)
@@ -688,9 +687,9 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention within each window.
 
-        The windows of all images are attended as a batch of nW * heads sequences groups, each holding
-        B sequences; so the relative position bias and the mask, folded into one (nW * heads, 1, N, N) float
-        mask, broadcast over the images without being copied per image.
+        q, k and v are laid out (nW * heads, B, N, d): one group per (window position, head), holding that
+        window of every image. The relative position bias and the mask, folded into one float mask of shape
+        (nW * heads, 1, N, N), then broadcast over the images instead of being copied for each.
 
         Args:
             x: (B, nW, N, C) windows, nW per image.
