@@ -21,7 +21,7 @@ from tinyswin.config import TrainConfig, apply_overrides, from_dict, load_config
 from tinyswin.data import load_cache, write_cache
 from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
 from tinyswin.evaluate import evaluate_checkpoint, load_images, predict
-from tinyswin.optim import WarmupCosine
+from tinyswin.optim import WarmupCosine, schedule_lr
 from tinyswin.plots import read_metrics
 from tinyswin.train import (
     LoopState,
@@ -443,7 +443,23 @@ def test_time_budget_records_its_plan_and_compresses_the_schedule(tiny_cache: Pa
     assert plan["schedule"]["warmup_epochs"] == pytest.approx(100 * planned / 1000)
     saved = yaml.safe_load((tmp_path / "budget" / "config.yaml").read_text())
     assert saved["schedule"]["epochs"] == planned
-    assert load_checkpoint(tmp_path / "budget" / "last.pt")["epoch"] == planned
+    ckpt = load_checkpoint(tmp_path / "budget" / "last.pt")
+    assert ckpt["epoch"] == planned
+    # the optimizer followed the final plan to its end
+    assert ckpt["scheduler"]["epochs"] == planned
+    assert ckpt["scheduler"]["warmup_epochs"] == pytest.approx(plan["schedule"]["warmup_epochs"])
+    last = read_metrics(tmp_path / "budget" / "metrics.jsonl")[-1]
+    iters = 200 // 16
+    final = plan["schedule"]
+    expected = schedule_lr(
+        (last["step"] - 1) / iters,
+        cfg.peak_lr(),
+        epochs=final["epochs"],
+        warmup_epochs=final["warmup_epochs"],
+        warmup_start=final["warmup_start"],
+        min_lr=final["min_lr"],
+    )
+    assert last["lr"] == pytest.approx(expected, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- kills

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -108,10 +109,45 @@ def plot_run(run_dir: str | os.PathLike[str]) -> list[Path]:
         plot_curves(loss, out / "loss.png", xlabel="epoch", ylabel="loss", title="Loss"),
         plot_curves(acc, out / "accuracy.png", xlabel="epoch", ylabel="accuracy (%)", title="Accuracy"),
         plot_curves(
-            cols({"lr": "learning rate"}),
+            {**_schedule_curve(run_dir, records), **cols({"lr": "at the end of each epoch"})},
             out / "lr.png",
             xlabel="epoch",
             ylabel="learning rate",
-            title="Learning rate (at the end of each epoch)",
+            title="Learning rate",
         ),
     ]
+
+
+def _schedule_curve(
+    run_dir: Path, records: list[dict[str, Any]]
+) -> dict[str, tuple[list[float], list[float]]]:
+    """The whole planned schedule, step by step, from `config.yaml` (empty if it cannot be read)."""
+    from tinyswin.config import from_dict
+    from tinyswin.optim import schedule_lr
+
+    path = run_dir / "config.yaml"
+    if not records or not path.is_file():
+        return {}
+    try:
+        cfg = from_dict(yaml.safe_load(path.read_text()), str(path))
+    except (ValueError, yaml.YAMLError):
+        return {}
+    sched = cfg.schedule
+    iters = max(1, round(records[-1]["step"] / records[-1]["epoch"]))
+    total = int(sched.epochs * iters)
+    stride = max(1, total // 500)
+    xs, ys = [], []
+    for step in range(0, total + 1, stride):
+        t = step / iters if sched.step == "iteration" else float(step // iters)
+        xs.append(step / iters)
+        ys.append(
+            schedule_lr(
+                t,
+                cfg.peak_lr(),
+                epochs=sched.epochs,
+                warmup_epochs=sched.warmup_epochs,
+                warmup_start=sched.warmup_start,
+                min_lr=sched.min_lr,
+            )
+        )
+    return {"schedule (per step)": (xs, ys)}

@@ -893,8 +893,11 @@ def train(
         state.history.append(record)
         if cfg.time_budget is not None and state.epoch < cfg.schedule.epochs:
             cfg = _replan(cfg, state, epoch_times, say)
+            scheduler.reschedule(epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs)
         if main:
             _append_jsonl(metrics_path, record)
+            if cfg.time_budget is not None:  # the plan may have changed the schedule
+                save_yaml(cfg, run_dir / "config.yaml")
             if improved:
                 save(best_path)
             save(last_path)
