@@ -23,11 +23,14 @@
 #     --budget SECONDS  training time budget, counted by the trainer across resumes [600]
 #     --call-limit S    seconds this call may use in all; training stops in time for the evaluation [570]
 #     --python PY       Python with torch [.venv/bin/python if present, else python3]
+#     --throughput      also time train steps, data resident vs the notebook's DataLoader (gpu_throughput.py,
+#                       seed model, batch 64), once, into throughput.json
+#     --until STEP      stop after this step: data, prepare, train (e.g. a call that only takes in parts)
 #     -- key=value ...  config overrides for a new run (e.g. compile=true batch_size=1024)
 #
 # Outputs in --out: speedrun.json (device, versions, commit, data, preset, budget, train summary, eval of best.pt
 # and last.pt, EMA where enabled, seconds per phase), config.yaml, metrics.jsonl, loss.png, accuracy.png,
-# lr.png, speedrun.log. The data used is whatever zip arrives: the shared subset holds 250 train images per
+# lr.png, speedrun.log, and throughput.json with --throughput: 8 files. The data used is whatever zip arrives: the shared subset holds 250 train images per
 # class (half the official training set) and 10 val images per class.
 set -euo pipefail
 
@@ -45,6 +48,14 @@ log() {
 
 sha_of() {
     sha256sum "$1" | cut -d' ' -f1
+}
+
+expected_sha() {  # expected_sha SUMS_FILE NAME: the sha256 listed for NAME (or the only line's)
+    local file="$1" name="$2" line
+    line="$(grep -E "[ *]$name\$" "$file" || true)"
+    if [[ -z "$line" && "$(grep -c . "$file")" == "1" ]]; then line="$(cat "$file")"; fi
+    [[ -n "$line" ]] || die "$file lists no sha256 for $name"
+    echo "${line%% *}"
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,7 +78,16 @@ cmd_split() {
     local name
     name="$(basename "$zip")"
     (cd "$dest" && sha256sum part-* > PARTS.sha256 && echo "$name" > PARTS.name)
-    echo "$(sha_of "$zip")  $name" > "$dest/SHA256SUMS"
+    local sums
+    sums="$(dirname "$zip")/SHA256SUMS"
+    if [[ -f "$sums" ]]; then  # the published checksum travels with the parts, checked here first
+        local want
+        want="$(expected_sha "$sums" "$name")"
+        [[ "$(sha_of "$zip")" == "$want" ]] || die "split: $zip does not match its $sums"
+        grep -E "[ *]$name\$" "$sums" > "$dest/SHA256SUMS"
+    else
+        echo "$(sha_of "$zip")  $name" > "$dest/SHA256SUMS"
+    fi
     log "$(ls "$dest"/part-* | wc -l) parts of at most $size in $dest (manifest PARTS.sha256, SHA256SUMS)"
 }
 
@@ -89,6 +109,8 @@ PRESET="speedrun"
 BUDGET=600
 CALL_LIMIT=570
 PY=""
+THROUGHPUT=0
+UNTIL=""
 OVERRIDES=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -101,12 +123,15 @@ while [[ $# -gt 0 ]]; do
         --budget) BUDGET="$2"; shift 2 ;;
         --call-limit) CALL_LIMIT="$2"; shift 2 ;;
         --python) PY="$2"; shift 2 ;;
+        --throughput) THROUGHPUT=1; shift ;;
+        --until) UNTIL="$2"; shift 2 ;;
         --) shift; OVERRIDES=("$@"); break ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
 [[ ${#PARTS_DIRS[@]} -gt 0 ]] || PARTS_DIRS=("runs/parts")
+[[ -z "$UNTIL" || "$UNTIL" =~ ^(data|prepare|train)$ ]] || die "--until must be data, prepare or train, got '$UNTIL'"
 [[ "$BUDGET" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--budget must be a number of seconds, got '$BUDGET'"
 [[ "$CALL_LIMIT" =~ ^[0-9]+$ ]] || die "--call-limit must be a whole number of seconds, got '$CALL_LIMIT'"
 if [[ -z "$PY" ]]; then
@@ -147,13 +172,6 @@ find_sums() {
     return 0
 }
 
-expected_sha() {  # expected_sha SUMS_FILE NAME: the sha256 listed for NAME (or the only line's)
-    local file="$1" name="$2" line
-    line="$(grep -E "[ *]$name\$" "$file" || true)"
-    if [[ -z "$line" && "$(grep -c . "$file")" == "1" ]]; then line="$(cat "$file")"; fi
-    [[ -n "$line" ]] || die "$file lists no sha256 for $name"
-    echo "${line%% *}"
-}
 
 data_step() {
     local start=$SECONDS
@@ -345,8 +363,12 @@ summary = {
 for name in ("config.yaml", "metrics.jsonl"):
     if (run / name).exists():
         shutil.copy(run / name, out / name)
-for png in sorted((run / "plots").glob("*.png"))[:4]:
+for png in sorted((run / "plots").glob("*.png"))[:3]:
     shutil.copy(png, out / png.name)
+if (state / "throughput.json").exists():
+    shutil.copy(state / "throughput.json", out / "throughput.json")
+    summary["throughput"] = read(state / "throughput.json")
+    (out / "speedrun.json").write_text(json.dumps(summary, indent=2) + "\n")
 t = summary["train"]
 print(
     f"gpu_speedrun: {summary['device']}: val top-1 {100 * t.get('val_top1', float('nan')):.2f}% "
@@ -356,9 +378,28 @@ print(
 PY
 }
 
+stop_after() {
+    if [[ "$UNTIL" == "$1" ]]; then
+        log "stopping after '$1' (--until)"
+        exit 0
+    fi
+}
+
+throughput_step() {
+    [[ $THROUGHPUT -eq 1 && ! -f "$WORK/state/throughput.json" ]] || return 0
+    local start=$SECONDS
+    "$PY" "$ROOT/benchmarks/gpu_throughput.py" --data "$WORK/cache" --json "$WORK/state/throughput.json.tmp"
+    mv "$WORK/state/throughput.json.tmp" "$WORK/state/throughput.json"
+    phase_mark throughput $((SECONDS - start))
+}
+
 data_step
+stop_after data
 prepare_step
+stop_after prepare
+throughput_step
 train_step
+stop_after train
 eval_step
 summary_step
 log "done: $OUT_DIR/speedrun.json"
