@@ -391,9 +391,10 @@ def test_compress_schedule_scales_warmup_and_mixing_windows() -> None:
     assert short["epochs"] == 20
     assert short["warmup_epochs"] == pytest.approx(1.0)  # 10 of 200 -> 1 of 20
     assert short["mix_off_last_epochs"] == 1 and short["mix_off_first_epochs"] == 1
-    assert short["min_lr"] == seed["min_lr"] and short["step"] == "epoch"
+    assert short["min_lr"] == seed["min_lr"] and short["step"] == "iteration"  # keeps the shape in 20 epochs
     long = compress_schedule(seed, 400)
     assert long["warmup_epochs"] == pytest.approx(20.0) and long["mix_off_last_epochs"] == 20
+    assert long["step"] == "epoch"
 
 
 def test_plan_fits_the_first_epoch_and_whole_epochs_after_it() -> None:

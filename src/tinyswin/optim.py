@@ -158,10 +158,12 @@ class WarmupCosine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def reschedule(self, *, epochs: float, warmup_epochs: float) -> None:
-        """Change the length of the schedule from the next step on (a time budget's plan)."""
+    def reschedule(self, *, epochs: float, warmup_epochs: float, per_iteration: bool | None = None) -> None:
+        """Change the length (and stepping) of the schedule from the next step on (a time budget's plan)."""
         self.epochs = epochs
         self.warmup_epochs = warmup_epochs
+        if per_iteration is not None:
+            self.per_iteration = per_iteration
         self._apply()
 
     def state_dict(self) -> dict[str, Any]:

@@ -475,7 +475,9 @@ def compress_schedule(schedule: dict[str, Any], epochs: int) -> dict[str, Any]:
     """The schedule section stretched or compressed to `epochs`: warm-up and mixing-off epochs scale with it.
 
     Warm-up scales exactly (it may become fractional); the mixing-off counts are rounded, and stay at least 1
-    where they were at least 1.
+    where they were at least 1. A compressed schedule is stepped every iteration, so that its shape survives
+    a handful of epochs (stepped per epoch, a 10-of-200-epoch warm-up squeezed into a few epochs would hold
+    the whole first epoch at the starting rate).
     """
     factor = epochs / schedule["epochs"]
 
@@ -488,6 +490,7 @@ def compress_schedule(schedule: dict[str, Any], epochs: int) -> dict[str, Any]:
         "warmup_epochs": schedule["warmup_epochs"] * factor,
         "mix_off_first_epochs": count(schedule["mix_off_first_epochs"]),
         "mix_off_last_epochs": count(schedule["mix_off_last_epochs"]),
+        "step": "iteration" if factor < 1 else schedule["step"],
     }
 
 
@@ -891,9 +894,14 @@ def train(
         state.train_seconds = time.perf_counter() - budget_clock
         record |= {"seconds": epoch_seconds, "elapsed": state.train_seconds}
         state.history.append(record)
-        if cfg.time_budget is not None and state.epoch < cfg.schedule.epochs:
+        first_replan = state.plan is not None and not state.plan["replanned"]
+        if cfg.time_budget is not None and (state.epoch < cfg.schedule.epochs or first_replan):
             cfg = _replan(cfg, state, epoch_times, say)
-            scheduler.reschedule(epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs)
+            scheduler.reschedule(
+                epochs=cfg.schedule.epochs,
+                warmup_epochs=cfg.schedule.warmup_epochs,
+                per_iteration=cfg.schedule.step == "iteration",
+            )
         if main:
             _append_jsonl(metrics_path, record)
             if cfg.time_budget is not None:  # the plan may have changed the schedule
@@ -1069,7 +1077,11 @@ class _BudgetPlanner:
             elapsed=time.perf_counter() - self.wall_start,
         )
         schedule = plan["schedule"]
-        self.scheduler.reschedule(epochs=schedule["epochs"], warmup_epochs=schedule["warmup_epochs"])
+        self.scheduler.reschedule(
+            epochs=schedule["epochs"],
+            warmup_epochs=schedule["warmup_epochs"],
+            per_iteration=schedule["step"] == "iteration",
+        )
         self.state.plan = plan
         self.plan = plan
 
