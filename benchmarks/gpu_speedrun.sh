@@ -13,6 +13,9 @@
 # call copies the parts it finds into the work folder):
 #     benchmarks/gpu_speedrun.sh --parts runs/parts --out "$OUT"
 #
+# The budget is the trainer's own clock (`train_seconds` in its summary, setup and evaluation included, carried
+# across resumes); an epoch cut short by a call's limit is redone after the resume and not counted.
+#
 # Options (defaults in brackets):
 #     --parts DIR       folder where parts (part-*, PARTS.sha256, SHA256SUMS) arrive; may repeat [runs/parts]
 #     --zip FILE        a whole zip instead of parts (its sha256 is still checked when a SHA256SUMS is found)
@@ -30,8 +33,8 @@
 #
 # Outputs in --out: speedrun.json (device, versions, commit, data, preset, budget, train summary, eval of best.pt
 # and last.pt, EMA where enabled, seconds per phase), config.yaml, metrics.jsonl, loss.png, accuracy.png,
-# lr.png, speedrun.log, and throughput.json with --throughput: 8 files. The data used is whatever zip arrives: the shared subset holds 250 train images per
-# class (half the official training set) and 10 val images per class.
+# lr.png, speedrun.log, and throughput.json with --throughput: 8 files. The data is whatever zip arrives: the
+# shared subset holds 250 train images per class (half the official training set) and 10 val images per class.
 set -euo pipefail
 
 CALL_START=$SECONDS
