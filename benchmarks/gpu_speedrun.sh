@@ -7,14 +7,15 @@
 # continues where the last call stopped. Exit status: 0 done (summary written), 75 call again (the training
 # stopped at this call's time limit and resumes next call), 3 waiting for data parts, 1 or 2 an error.
 #
-# On the machine that has the zip, cut it into parts (plus a manifest of their sha256 and the SHA256SUMS line):
+# On the machine that has the zip, cut it into parts (plus a manifest of their sha256 and the SHA256SUMS
+# line):
 #     benchmarks/gpu_speedrun.sh split ../shared/data/tiny-imagenet-200-sub.zip runs/parts --part-size 45M
 # On the GPU machine, from the repository root, as often as needed (parts may arrive over several calls; each
 # call copies the parts it finds into the work folder):
 #     benchmarks/gpu_speedrun.sh --parts runs/parts --out "$OUT"
 #
-# The budget is the trainer's own clock (`train_seconds` in its summary, setup and evaluation included, carried
-# across resumes); an epoch cut short by a call's limit is redone after the resume and not counted.
+# The budget is the trainer's own clock (`train_seconds` in its summary, setup and evaluation included,
+# carried across resumes); an epoch cut short by a call's limit is redone after the resume and not counted.
 #
 # Options (defaults in brackets):
 #     --parts DIR       folder where parts (part-*, PARTS.sha256, SHA256SUMS) arrive; may repeat [runs/parts]
@@ -31,10 +32,11 @@
 #     --until STEP      stop after this step: data, prepare, train (e.g. a call that only takes in parts)
 #     -- key=value ...  config overrides for a new run (e.g. compile=true batch_size=1024)
 #
-# Outputs in --out: speedrun.json (device, versions, commit, data, preset, budget, train summary, eval of best.pt
-# and last.pt, EMA where enabled, seconds per phase), config.yaml, metrics.jsonl, loss.png, accuracy.png,
-# lr.png, speedrun.log, and throughput.json with --throughput: 8 files. The data is whatever zip arrives: the
-# shared subset holds 250 train images per class (half the official training set) and 10 val images per class.
+# Outputs in --out: speedrun.json (device, versions, commit, data, preset, budget, train summary, eval of
+# best.pt and last.pt, EMA where enabled, seconds per phase), config.yaml, metrics.jsonl, loss.png,
+# accuracy.png, lr.png, speedrun.log, and throughput.json with --throughput: 8 files. The data is whatever
+# zip arrives: the shared subset holds 250 train images per class (half the official training set) and 10 val
+# images per class.
 set -euo pipefail
 
 CALL_START=$SECONDS
@@ -70,7 +72,12 @@ cmd_split() {
         case "$1" in
             --part-size) size="$2"; shift 2 ;;
             -*) die "split: unknown option $1" ;;
-            *) if [[ -z "$zip" ]]; then zip="$1"; elif [[ -z "$dest" ]]; then dest="$1"; else die "split: too many arguments"; fi; shift ;;
+            *)
+                if [[ -z "$zip" ]]; then zip="$1"
+                elif [[ -z "$dest" ]]; then dest="$1"
+                else die "split: too many arguments"
+                fi
+                shift ;;
         esac
     done
     [[ -n "$zip" && -n "$dest" ]] || die "split: usage: gpu_speedrun.sh split ZIP DEST_DIR [--part-size 45M]"
@@ -134,7 +141,8 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ ${#PARTS_DIRS[@]} -gt 0 ]] || PARTS_DIRS=("runs/parts")
-[[ -z "$UNTIL" || "$UNTIL" =~ ^(data|prepare|train)$ ]] || die "--until must be data, prepare or train, got '$UNTIL'"
+[[ -z "$UNTIL" || "$UNTIL" =~ ^(data|prepare|train)$ ]] \
+    || die "--until must be data, prepare or train, got '$UNTIL'"
 [[ "$BUDGET" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--budget must be a number of seconds, got '$BUDGET'"
 [[ "$CALL_LIMIT" =~ ^[0-9]+$ ]] || die "--call-limit must be a whole number of seconds, got '$CALL_LIMIT'"
 if [[ -z "$PY" ]]; then
@@ -194,13 +202,14 @@ data_step() {
             [[ -d "$d" ]] || continue
             for f in "$d"/part-* "$d"/PARTS.sha256 "$d"/PARTS.name "$d"/SHA256SUMS; do
                 [[ -f "$f" ]] || continue
-                if [[ ! -f "$WORK/parts/$(basename "$f")" ]] || ! cmp -s "$f" "$WORK/parts/$(basename "$f")"; then
-                    cp "$f" "$WORK/parts/$(basename "$f").tmp" && mv "$WORK/parts/$(basename "$f").tmp" "$WORK/parts/$(basename "$f")"
+                local kept="$WORK/parts/$(basename "$f")"
+                if [[ ! -f "$kept" ]] || ! cmp -s "$f" "$kept"; then
+                    cp "$f" "$kept.tmp" && mv "$kept.tmp" "$kept"
                 fi
             done
         done
         [[ -f "$WORK/parts/PARTS.sha256" ]] || {
-            log "data: waiting for parts: no PARTS.sha256 manifest yet in ${PARTS_DIRS[*]} (make it with 'split')"
+            log "data: waiting for parts: no PARTS.sha256 manifest yet in ${PARTS_DIRS[*]} ('split' makes it)"
             exit 3
         }
         local missing=() bad=() part want
@@ -214,10 +223,12 @@ data_step() {
         done < "$WORK/parts/PARTS.sha256"
         if [[ ${#bad[@]} -gt 0 ]]; then
             rm -f "${bad[@]/#/$WORK/parts/}"
-            die "data: part(s) ${bad[*]} do not match PARTS.sha256 (removed from $WORK/parts; send them again)"
+            die "data: part(s) ${bad[*]} do not match PARTS.sha256 (removed from $WORK/parts; send again)"
         fi
         if [[ ${#missing[@]} -gt 0 ]]; then
-            log "data: waiting for parts: have $(( $(wc -l < "$WORK/parts/PARTS.sha256") - ${#missing[@]} )) of $(wc -l < "$WORK/parts/PARTS.sha256"), missing ${missing[*]}"
+            local total
+            total=$(wc -l < "$WORK/parts/PARTS.sha256")
+            log "data: waiting for parts: have $((total - ${#missing[@]})) of $total, missing ${missing[*]}"
             exit 3
         fi
         local list=()
@@ -249,7 +260,8 @@ data_step() {
 
 prepare_step() {
     local start=$SECONDS
-    if "$PY" -c "import sys; from tinyswin.data import is_cache; sys.exit(0 if is_cache(sys.argv[1]) else 1)" "$WORK/cache"; then
+    local check="import sys; from tinyswin.data import is_cache; sys.exit(0 if is_cache(sys.argv[1]) else 1)"
+    if "$PY" -c "$check" "$WORK/cache"; then
         log "cache: $WORK/cache ready"
         return
     fi
@@ -281,7 +293,8 @@ train_step() {
     else
         rm -rf "$run"
         log "train: preset $PRESET, budget ${BUDGET}s (${left}s in this call) ${OVERRIDES[*]:-}"
-        cmd+=(--data "$WORK/cache" --preset "$PRESET" --time-budget "$BUDGET" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+        cmd+=(--data "$WORK/cache" --preset "$PRESET" --time-budget "$BUDGET")
+        cmd+=(${OVERRIDES[@]+"${OVERRIDES[@]}"})
     fi
     local rc=0
     timeout --signal=TERM --kill-after=15 "$left" "${cmd[@]}" || rc=$?
@@ -300,7 +313,8 @@ eval_step() {
     local start=$SECONDS run="$WORK/run"
     for which in best last; do
         [[ -f "$WORK/state/eval_$which.json" ]] && continue
-        "$PY" -m tinyswin eval "$run/$which.pt" --data "$WORK/cache" --json > "$WORK/state/eval_$which.json.tmp"
+        "$PY" -m tinyswin eval "$run/$which.pt" --data "$WORK/cache" --json \
+            > "$WORK/state/eval_$which.json.tmp"
         mv "$WORK/state/eval_$which.json.tmp" "$WORK/state/eval_$which.json"
         if "$PY" - "$run/config.yaml" <<'PY'
 import sys, yaml
@@ -321,7 +335,8 @@ summary_step() {
 import json, shutil, subprocess, sys, time
 from pathlib import Path
 
-work, out, preset, budget, root = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5]
+work, out, preset, root = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[5]
+budget = float(sys.argv[4])
 run, state = work / "run", work / "state"
 import torch
 
@@ -330,7 +345,8 @@ def read(path):
 
 def git(*args):
     try:
-        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True).stdout.strip()
+        done = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -376,7 +392,8 @@ t = summary["train"]
 print(
     f"gpu_speedrun: {summary['device']}: val top-1 {100 * t.get('val_top1', float('nan')):.2f}% "
     f"top-5 {100 * t.get('val_top5', float('nan')):.2f}% after {t.get('epochs')} epochs, "
-    f"{t.get('train_seconds', float('nan')):.0f} s of training, {t.get('images_per_s', float('nan')):.0f} img/s"
+    f"{t.get('train_seconds', float('nan')):.0f} s of training, "
+    f"{t.get('images_per_s', float('nan')):.0f} img/s"
 )
 PY
 }
