@@ -434,11 +434,11 @@ def test_replan_fits_the_remaining_epochs_into_the_budget() -> None:
 
 
 def test_time_budget_records_its_plan_and_compresses_the_schedule(tiny_cache: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(tiny_cache, "time_budget=10", "schedule.epochs=1000", "schedule.warmup_epochs=100",
+    cfg = tiny_config(tiny_cache, "time_budget=15", "schedule.epochs=1000", "schedule.warmup_epochs=100",
                       epochs=1000)  # fmt: skip
     summary = train(cfg, tmp_path / "budget", progress=False, log=lambda _m: None)
     plan = summary["time_budget"]
-    assert plan["budget_s"] == 10 and plan["original_schedule"]["epochs"] == 1000
+    assert plan["budget_s"] == 15 and plan["original_schedule"]["epochs"] == 1000
     planned = plan["schedule"]["epochs"]
     assert 1 <= planned < 1000 and summary["epochs"] == planned == summary["planned_epochs"]
     assert plan["schedule"]["warmup_epochs"] == pytest.approx(100 * planned / 1000)
@@ -461,6 +461,24 @@ def test_time_budget_records_its_plan_and_compresses_the_schedule(tiny_cache: Pa
         min_lr=final["min_lr"],
     )
     assert last["lr"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_budget_shorter_than_an_epoch_stops_inside_it_at_a_checkpoint(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    # the setup alone takes longer than 0.01 s: the first epoch ends after its first step
+    cfg = tiny_config(tiny_cache, "time_budget=0.01")
+    summary = train(cfg, tmp_path / "cut", progress=False, log=lambda _m: None)
+    records = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert len(records) == 1 and records[0]["partial"] == 1 and records[0]["step"] == 1
+    assert summary["epochs"] == summary["planned_epochs"] == 1
+    assert summary["time_budget"]["stopped"] == {"epoch": 1, "steps": 1}
+    ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 1
+    assert (
+        evaluate_checkpoint(tmp_path / "cut" / "last.pt", log=lambda _m: None)["top1"]
+        == records[0]["val_top1"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- kills

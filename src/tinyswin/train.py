@@ -372,6 +372,7 @@ def train_one_epoch(
     dist: DistContext | None = None,
     progress: Any = None,
     step_hook: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> EpochStats:
     """One pass over the training split.
 
@@ -392,6 +393,7 @@ def train_one_epoch(
         dist: process context (None: one process).
         progress: a tqdm bar to update, or None.
         step_hook: called with the number of steps done in this epoch after each optimizer step.
+        should_stop: asked after each optimizer step; True ends the epoch there (a time budget ran out).
 
     Raises:
         TrainingError: `cfg.max_nonfinite` non-finite losses in a row.
@@ -451,19 +453,29 @@ def train_one_epoch(
         state.step += 1
         if step_hook is not None:
             step_hook(state.step - first_step)
-        if progress is not None:
-            elapsed = time.perf_counter() - start
-            progress.update(1)
-            progress.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", img_s=f"{images / elapsed:.0f}")
+        if should_stop is not None and should_stop():
+            progress_update(progress, value, lr, images, start)
+            break
+        progress_update(progress, value, lr, images, start)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return EpochStats(
         loss=loss_total / finite_steps if finite_steps else float("nan"),
-        steps=steps,
+        steps=state.step - first_step,
         images=images,
         seconds=time.perf_counter() - start,
         nonfinite=nonfinite,
         lr=lr,
+    )
+
+
+def progress_update(progress: Any, loss: float, lr: float, images: int, start: float) -> None:
+    """Advance a tqdm bar by one step with the loss, learning rate and images/s (no-op for None)."""
+    if progress is None:
+        return
+    progress.update(1)
+    progress.set_postfix(
+        loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images / (time.perf_counter() - start):.0f}"
     )
 
 
@@ -719,8 +731,6 @@ def train(
             **{k: loop[k] for k in loop if k in {f.name for f in dataclasses.fields(LoopState)}}
         )
         _set_rng_state(ckpt["rng_state"])
-        if state.plan and cfg.time_budget == state.plan.get("budget_s"):
-            cfg = _apply_schedule(cfg, state.plan["schedule"])
     train_model: nn.Module = model
     if dist.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -809,8 +819,13 @@ def train(
         epoch_start = time.perf_counter()
         bar = _progress_bar(iters_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
         hook = None
+        stop = None
+        if cfg.time_budget is not None:
+            stop = _BudgetClock(cfg.time_budget, budget_clock, dist, device)
         if cfg.time_budget is not None and state.plan is None:
-            hook = _BudgetPlanner(cfg, state, scheduler, iters_per_epoch, wall_start, measure_eval, dist)
+            hook = _BudgetPlanner(
+                cfg, state, scheduler, iters_per_epoch, wall_start, measure_eval, dist, device
+            )
         try:
             stats = train_one_epoch(
                 train_model,
@@ -829,6 +844,7 @@ def train(
                 dist=dist,
                 progress=bar,
                 step_hook=hook,
+                should_stop=stop,
             )
         finally:
             if bar is not None:
@@ -848,6 +864,11 @@ def train(
             "train_loss": stats.loss,
             "mix": mix,
         }
+        if stats.steps < iters_per_epoch:
+            record["partial"] = stats.steps  # the time budget ended the epoch after this many steps
+            say(
+                f"time budget: {cfg.time_budget:.0f} s reached after {stats.steps} steps of epoch {epoch + 1}"
+            )
         for split in splits:
             result = evaluate(
                 eval_model,
@@ -895,7 +916,12 @@ def train(
         record |= {"seconds": epoch_seconds, "elapsed": state.train_seconds}
         state.history.append(record)
         first_replan = state.plan is not None and not state.plan["replanned"]
-        if cfg.time_budget is not None and (state.epoch < cfg.schedule.epochs or first_replan):
+        if "partial" in record:  # the budget ran out inside the epoch: the run ends here
+            if state.plan is None:
+                state.plan = {"budget_s": cfg.time_budget, "original_schedule": _schedule_dict(cfg)}
+            state.plan["stopped"] = {"epoch": state.epoch, "steps": stats.steps}
+            cfg = _apply_schedule(cfg, {"epochs": state.epoch})
+        elif cfg.time_budget is not None and (state.epoch < cfg.schedule.epochs or first_replan):
             cfg = _replan(cfg, state, epoch_times, say)
             scheduler.reschedule(
                 epochs=cfg.schedule.epochs,
@@ -1021,6 +1047,29 @@ def plan_budget(
     }
 
 
+class _BudgetClock:
+    """`should_stop` of a time-budgeted epoch: True once the run's wall time passes the budget.
+
+    With several processes, rank 0's clock decides for all (a broadcast on `device` per step).
+    """
+
+    def __init__(self, budget: float, clock_start: float, dist: DistContext, device: torch.device) -> None:
+        self.budget = budget
+        self.clock_start = clock_start
+        self.dist = dist
+        self.device = device
+
+    def __call__(self) -> bool:
+        over = time.perf_counter() - self.clock_start > self.budget
+        if self.dist.world_size > 1:
+            flag = torch.tensor([over], dtype=torch.uint8, device=self.device)
+            import torch.distributed as tdist
+
+            tdist.broadcast(flag, src=0)
+            over = bool(flag.item())
+        return over
+
+
 class _BudgetPlanner:
     """Step hook of the first epoch of a time-budgeted run: times a few steps, then fits the schedule.
 
@@ -1038,7 +1087,9 @@ class _BudgetPlanner:
         wall_start: float,
         measure_eval: Callable[[], float],
         dist: DistContext,
+        device: torch.device,
     ) -> None:
+        self.device = device
         self.cfg = cfg
         self.state = state
         self.scheduler = scheduler
@@ -1067,7 +1118,9 @@ class _BudgetPlanner:
         if self.dist.world_size > 1:  # every rank follows rank 0's measurement
             import torch.distributed as tdist
 
+            measured = measured.to(self.device)
             tdist.broadcast(measured, src=0)
+            measured = measured.cpu()
         plan = plan_budget(
             self.cfg,
             sec_per_step=float(measured[0]),
