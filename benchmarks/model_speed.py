@@ -6,10 +6,9 @@ For the `seed` preset (64px, batch 64 by default) it measures, interleaving the 
   - the same train step with drop path 0 (stochastic depth off in both), unless --quick;
   - inference (eval, torch.inference_mode) images/s;
   - FLOPs per image (torch.utils.flop_counter, 2 per multiply-add) and the GFLOP/s achieved;
-  - peak memory of a train step: on the CPU, the rise of the process's peak resident set size (ru_maxrss)
-    over its resident size just before the first step, each model in a fresh subprocess (activations,
-    gradients and workspace; not the weights or the libraries); on CUDA, torch.cuda.max_memory_allocated
-    minus the memory allocated before the step.
+  - peak memory of a train step: on the CPU, the largest total of live tensors (weights, gradients,
+    activations, temporaries) in the profiler's memory timeline, which the allocator's caching does not
+    blur (drop path draws seeded alike); on CUDA, torch.cuda.max_memory_allocated.
 
 timm's model gets the same geometry: always_partition=True reproduces the seed's shift where a window covers
 the whole map, and its patch-embedding norm is removed because the seed has none. timm runs as it comes
@@ -23,16 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinyswin import SwinConfig, SwinTransformer, preset_config
@@ -133,51 +133,35 @@ def flops_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: b
     return counter.get_total_flops() / x.shape[0]
 
 
-def current_rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def peak_memory_mib(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str) -> tuple[float, float]:
+    """Peak memory of one train step and the memory live before it, in MiB.
 
-
-def measure_memory(name: str, preset: str, batch: int, device: str, steps: int) -> dict[str, float]:
-    """Peak memory of train steps of one model (run in a fresh process), in MiB."""
-    config = preset_config(preset)
-    model = build(name, config, device)
-    x, y = make_batch(config, batch, device)
+    On the CPU: every tensor's bytes as the profiler's memory timeline tracks them (weights, gradients,
+    activations, temporaries), so the allocator's caching does not enter. On CUDA: max_memory_allocated.
+    """
+    train_step(model, x, y)  # warm-up
+    torch.manual_seed(0)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
+        start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(steps):
-            train_step(model, x, y)
-        torch.cuda.synchronize()
-        return {"peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
-    base = current_rss_kib()
-    for _ in range(steps):
         train_step(model, x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_mib": (peak - base) / 1024}
-
-
-def memory_in_subprocess(name: str, args: argparse.Namespace) -> float:
-    command = [
-        sys.executable,
-        __file__,
-        "--_memory-child",
-        name,
-        "--preset",
-        args.preset,
-        "--batch",
-        str(args.batch),
-        "--device",
-        args.device,
-        "--threads",
-        str(args.threads),
-    ]
-    # A fixed mmap threshold makes glibc hand every freed tensor of 128 KiB or more back to the OS at once, so
-    # the resident set follows the live tensors instead of what the allocator keeps cached.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20, start / 2**20
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        train_step(model, x, y)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # the export is deprecated in favour of CUDA-only tools
+        path = os.path.join(folder, "memory.json")
+        prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)  # [times, bytes per category at each time]
+    totals = [sum(row) for row in sizes]
+    return max(totals) / 2**20, totals[0] / 2**20
 
 
 def cpu_pressure() -> str:
@@ -211,15 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no drop-path-0 run")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_child:
-        print(json.dumps(measure_memory(args.memory_child, args.preset, args.batch, args.device, steps=3)))
-        return 0
-
     rounds = args.rounds or (3 if args.quick else 9)
     config = preset_config(args.preset)
     print(
@@ -270,12 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         fwd_flops,
     )
     if not args.no_memory:
-        memory = {name: memory_in_subprocess(name, args) for name in ("timm", "tinyswin")}
-        how = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS rise, fresh subprocess"
-        print(
-            f"peak memory of a train step ({how}): timm {memory['timm']:.0f} MiB, "
-            f"tinyswin {memory['tinyswin']:.0f} MiB, ratio {memory['tinyswin'] / memory['timm']:.3f}"
+        memory = {name: peak_memory_mib(model, x, y, args.device) for name, model in models.items()}
+        how = (
+            "max_memory_allocated"
+            if args.device.startswith("cuda")
+            else "live tensors, profiler memory timeline"
         )
+        print(f"peak memory of a train step ({how}):")
+        for name, (peak, start) in memory.items():
+            print(
+                f"  {name:<9} peak {peak:7.1f} MiB = {start:.1f} MiB before the step + {peak - start:.1f} MiB"
+            )
+        print(f"  ratio tinyswin/timm of the peaks: {memory['tinyswin'][0] / memory['timm'][0]:.3f}")
     print(f"cpu pressure at end: {cpu_pressure()}")
     return 0
 
