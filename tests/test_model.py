@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from tinyswin.model import (
+    SwinBlock,
     SwinConfig,
     SwinTransformer,
     WindowGeometry,
+    _AddRows,
     add_residual,
     block_geometry,
     count_flops,
@@ -468,3 +470,18 @@ def test_bfloat16_autocast_on_cpu_stays_close_to_float32() -> None:
     assert out.dtype == torch.bfloat16
     assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_block_gradients_pass_gradcheck_with_padding_and_shift() -> None:
+    """Autograd through padding, the shift gather, masked attention and the in-place residual adds."""
+    torch.manual_seed(0)
+    block = SwinBlock(dim=4, num_heads=2, table_window=(3, 3), shifted=True).double().train()
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, requires_grad=True)  # 5x4 map, window 3: padded to 6x6
+    assert block.plan((5, 4), x.device).geometry == WindowGeometry((3, 3), (1, 1), (6, 6))
+    assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-5)
+    rows = torch.tensor([0, 2])
+    src = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda b, s: _AddRows.apply(b, rows, s, 1.25), (base, src))
