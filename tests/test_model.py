@@ -172,26 +172,28 @@ def test_permute_tokens_backward_is_the_inverse_gather() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_sdpa_equals_plain_softmax_path_with_gradients() -> None:
+@pytest.mark.parametrize("positions", [1, 3])
+def test_sdpa_equals_plain_softmax_path_with_gradients(positions: int) -> None:
+    """4 images x 3 windows, 5 heads, 16 tokens; a bias per window position (3) or shared by all (1)."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(6, 5, 16, 8, dtype=torch.float64) for _ in range(3))
-    bias = torch.randn(6, 1, 16, 16, dtype=torch.float64)
-    blocked = torch.rand(6, 1, 16, 16) < 0.3
+    q, k, v = (torch.randn(4 * 3, 5, 16, 8, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(positions, 5, 16, 16, dtype=torch.float64)
+    blocked = torch.rand(positions, 1, 16, 16) < 0.3
     blocked[..., torch.arange(16), torch.arange(16)] = False  # every token may see itself
     outputs, grads = [], []
     for backend in ("sdpa", "plain"):
         inputs = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
-        mask = inputs[3].masked_fill(blocked, float("-inf"))
-        out = window_attention(*inputs[:3], mask, backend)
+        out = window_attention(*inputs[:3], inputs[3].masked_fill(blocked, float("-inf")), backend)
         out.backward(torch.ones_like(out))
         outputs.append(out.detach())
         grads.append([t.grad for t in inputs])
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-10)
     for a, b in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
-    # the mask really blocks: the output does not depend on a blocked value
-    scores = torch.softmax(q @ k.transpose(-2, -1) / 8**0.5 + bias.masked_fill(blocked, float("-inf")), -1)
-    torch.testing.assert_close(outputs[1], scores @ v, rtol=1e-10, atol=1e-10)
+    # both equal the formula written out per image, window and head
+    full = bias.masked_fill(blocked, float("-inf")).repeat(4 * 3 // positions, 1, 1, 1)  # (12, 5, 16, 16)
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 8**0.5 + full, -1) @ v
+    torch.testing.assert_close(outputs[1], expected, rtol=1e-10, atol=1e-10)
 
 
 def test_model_backends_agree_in_train_and_eval() -> None:

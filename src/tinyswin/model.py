@@ -622,32 +622,39 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "plain")
 
 
 def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, backend: str = "auto"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
-    """Scaled dot-product attention with an additive float mask.
+    """Scaled dot-product attention inside windows, with an additive float bias per window position.
 
-    Backends: "sdpa" calls F.scaled_dot_product_attention with the mask; "plain" is the textbook formula
-    softmax(q k^T / sqrt(d) + mask) v, with the scaling and the mask applied in place on the scores so that
-    autograd keeps only q, k, v (views) and the probabilities. "auto" takes "sdpa" except on the CPU when
-    autograd records, where SDPA has no fused kernel for a mask that needs a gradient and falls back to a
-    math path that is slower than "plain" and keeps two more tensors of the scores' size alive.
+    Backends: "sdpa" calls F.scaled_dot_product_attention with the bias as its float mask (repeated for every
+    image when it differs between window positions); "plain" is the textbook formula
+    softmax(q k^T / sqrt(d) + bias) v, scaling and biasing the scores in place so that autograd keeps only
+    q, k, v and the probabilities. "auto" takes "sdpa" except on the CPU where "plain" is faster: when
+    autograd records (SDPA has no fused CPU kernel for a mask that needs a gradient; its fallback is slower
+    and keeps two more tensors of the scores' size alive) and for windows of fewer than 32 tokens.
 
     Args:
-        q: (..., heads, N, d).
-        k: (..., heads, N, d).
-        v: (..., heads, N, d).
-        attn_mask: Float mask broadcastable to (..., heads, N, N), added to the scaled scores.
+        q: (B * nW, heads, N, d), nW windows per image.
+        k: (B * nW, heads, N, d).
+        v: (B * nW, heads, N, d).
+        bias: (nW, heads, N, N) or (1, heads, N, N): relative position bias plus shift/padding mask (0 or
+            -inf), the same for the window at one position in every image.
         backend: "auto", "sdpa" or "plain".
 
     Returns:
-        (..., heads, N, d).
+        (B * nW, heads, N, d).
     """
+    bw, heads, n, _ = q.shape
+    nw = bias.shape[0]
     if backend == "auto":
-        records = torch.is_grad_enabled() and (q.requires_grad or attn_mask.requires_grad)
-        backend = "plain" if q.device.type == "cpu" and records else "sdpa"
+        records = torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad)
+        backend = "plain" if q.device.type == "cpu" and (records or n < 32) else "sdpa"
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).add_(attn_mask)  # (..., N, N)
+        if nw > 1:  # (B, nW, heads, N, N) -> (B*nW, heads, N, N)
+            bias = bias.expand(bw // nw, nw, heads, n, n).reshape(bw, heads, n, n)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # (B*nW, heads, N, N)
+    scores.view(bw // nw, nw, heads, n, n).add_(bias)  # in place, broadcast over the images
     return torch.matmul(scores.softmax(dim=-1), v)
 
 
@@ -682,14 +689,10 @@ class WindowAttention(nn.Module):
         """
         n = index.shape[0]
         bias = self.relative_position_bias_table[index.view(-1)]  # (N*N, heads)
-        return bias.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()  # (heads, N, N)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention within each window.
-
-        q, k and v are laid out (nW * heads, B, N, d): one group per (window position, head), holding that
-        window of every image. The relative position bias and the mask, folded into one float mask of shape
-        (nW * heads, 1, N, N), then broadcast over the images instead of being copied for each.
 
         Args:
             x: (B, nW, N, C) windows, nW per image.
@@ -701,15 +704,13 @@ class WindowAttention(nn.Module):
         """
         b, nw, n, c = x.shape
         heads = self.num_heads
-        qkv = self.qkv(x).view(b, nw, n, 3, heads, c // heads)  # (B, nW, N, 3, heads, d)
-        # (3, nW, heads, B, N, d) -> (3, nW*heads, B, N, d): one copy, then contiguous q, k, v
-        q, k, v = qkv.permute(3, 1, 4, 0, 2, 5).reshape(3, nw * heads, b, n, c // heads).unbind(0)
-        bias = self.relative_bias(index)  # (heads, N, N)
-        attn_mask = bias + mask if mask is not None else bias.expand(nw, heads, n, n)  # (nW, heads, N, N)
-        attn_mask = attn_mask.reshape(nw * heads, 1, n, n).to(q.dtype)  # (nW*heads, 1, N, N)
-        out = window_attention(q, k, v, attn_mask, self.backend)  # (nW*heads, B, N, d)
-        out = out.view(nw, heads, b, n, c // heads).permute(2, 0, 3, 1, 4)  # (B, nW, N, heads, d)
-        return self.proj(out.reshape(b, nw, n, c))  # (B, nW, N, C)
+        qkv = self.qkv(x).view(b * nw, n, 3, heads, c // heads)  # (B*nW, N, 3, heads, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nW, heads, N, d), views
+        bias = self.relative_bias(index).unsqueeze(0)  # (1, heads, N, N)
+        if mask is not None:
+            bias = bias + mask  # (nW, heads, N, N)
+        out = window_attention(q, k, v, bias.to(q.dtype), self.backend)  # (B*nW, heads, N, d)
+        return self.proj(out.transpose(1, 2).reshape(b, nw, n, c))  # (B, nW, N, C)
 
 
 class Mlp(nn.Module):
