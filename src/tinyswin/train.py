@@ -738,8 +738,10 @@ def train(
         )
     eval_model: nn.Module = model
     if cfg.compile:
-        train_model = torch.compile(train_model)
-        eval_model = train_model if dist.world_size == 1 else torch.compile(model)
+        # static shapes: one graph per batch shape (train, eval, a last partial eval batch); dynamic-shape
+        # graphs of the windowed attention failed to run under inductor (torch 2.11, H100)
+        train_model = torch.compile(train_model, dynamic=False)
+        eval_model = train_model if dist.world_size == 1 else torch.compile(model, dynamic=False)
 
     if cfg.time_budget is not None and state.plan is None and resume:
         raise ValueError(
