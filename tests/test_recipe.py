@@ -78,10 +78,12 @@ def test_fast_trains_and_tests_at_32px_from_a_64px_cache(one_thread: None) -> No
 
 
 def test_speedrun_learning_rate_rule_and_ema() -> None:
-    """`speedrun` states lr 2e-3 at batch 512 (1e-3 at 256, the linear rule) and keeps an EMA."""
+    """`speedrun` states lr 8e-4 at batch 512 (4e-4 at 256, the linear rule) and keeps an EMA."""
     cfg = load_config("speedrun")
     assert cfg.batch_size == 512
-    assert cfg.peak_lr() == pytest.approx(2e-3)
+    assert cfg.peak_lr() == pytest.approx(8e-4)
+    half = load_config("speedrun", overrides=["batch_size=256"])
+    assert half.peak_lr() == pytest.approx(4e-4)
     assert cfg.ema.enabled
     aug = build_augment_config(cfg)
     assert (aug.mixup_p, aug.cutmix_p, aug.randaug_ops) == (0.15, 0.15, 2)
