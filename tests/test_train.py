@@ -551,3 +551,18 @@ def test_sigkill_during_a_checkpoint_write_then_resume_equals_uninterrupted(
     assert resumed.returncode == 0, out
     assert not list(run_dir.glob(".*.tmp-*"))
     _assert_same_run(reference, run_dir)
+
+
+def test_threads_key_sets_torch_threads_and_a_negative_count_is_refused(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    before = torch.get_num_threads()
+    try:
+        cfg = tiny_config(tiny_cache, "threads=2", epochs=1)
+        train(cfg, tmp_path / "two", progress=False, log=lambda _msg: None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads=-1"):
+        train(tiny_config(tiny_cache, "threads=-1", epochs=1), tmp_path / "neg", progress=False)
+    assert not (tmp_path / "neg").exists()  # refused before anything is written

@@ -123,6 +123,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     max_nonfinite: int = 5  # this many non-finite losses in a row stop the run
+    threads: int = 0  # CPU threads for torch's intra-op work (0: torch's default, one per core)
     time_budget: float | None = None  # seconds; the schedule is planned to fit and the run stops in time
     tensorboard: bool = True  # event files when tensorboard is installed
 

@@ -618,6 +618,11 @@ def train(
     from tinyswin.model import SwinTransformer
     from tinyswin.plots import plot_run
 
+    if cfg.threads < 0:
+        raise ValueError(f"threads={cfg.threads}: expected 0 (torch's default) or a number of CPU threads")
+    if cfg.threads:
+        # one thread is often faster for small models, and on a machine shared with other work
+        torch.set_num_threads(cfg.threads)
     wall_start = time.perf_counter()
     dist = dist or DistContext()
     main = dist.is_main
