@@ -211,3 +211,18 @@ def test_no_data_means_the_builtin_dataset_in_the_cache_folder(
     cache = load_cache(caches[0])
     assert cache.class_names == list(CLASS_NAMES) and cache.splits == ("train", "val")
     assert str(caches[0]) in capsys.readouterr().out
+
+
+def test_train_help_names_every_config_key(capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from tinyswin.config import TrainConfig
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
+    for f in dataclasses.fields(TrainConfig):
+        name = f"{f.name}.*" if dataclasses.is_dataclass(f.default_factory) else f.name
+        assert name in text, name
+    assert "threads" in text and "optim.*" in text

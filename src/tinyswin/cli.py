@@ -127,7 +127,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `tinyswin` command."""
-    from tinyswin.config import config_preset_names
+    from tinyswin.config import config_preset_names, override_keys
 
     parser = argparse.ArgumentParser(
         prog="tinyswin",
@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a Swin Transformer. Without --data: a built-in synthetic dataset (10 classes of "
         "shapes and textures) that trains in about a minute on 2 CPU cores. Config layers: --preset (default "
         "'default'), then --config FILE.yaml, then key=value overrides (dotted keys, e.g. optim.lr=1e-3). "
-        "Learning rate rule: optim.lr * batch_size / optim.lr_base_batch.",
+        "Learning rate rule: optim.lr * batch_size / optim.lr_base_batch. "
+        f"Keys: {override_keys()}; a run's config.yaml lists every key with its value.",
     )
     p.add_argument("--data", default=None, help="a cache, or a dataset to prepare into one (zip or folder)")
     presets = ", ".join(config_preset_names())

@@ -495,3 +495,11 @@ def cache_root() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "tinyswin"
     return Path.home() / ".cache" / "tinyswin"
+
+
+def override_keys() -> str:
+    """The top-level keys of TrainConfig, sections as ``name.*``, for help texts."""
+    names = []
+    for f in dataclasses.fields(TrainConfig):
+        names.append(f"{f.name}.*" if dataclasses.is_dataclass(f.default_factory) else f.name)
+    return ", ".join(names)
