@@ -256,6 +256,17 @@ def _all_reduce_(tensor: torch.Tensor, dist: DistContext | None) -> torch.Tensor
     return tensor
 
 
+def _broadcast_from_rank0(tensor: torch.Tensor, dist: DistContext, device: torch.device) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank (through `device`, which the backend needs), returned on the CPU."""
+    if dist.world_size == 1:
+        return tensor
+    import torch.distributed as tdist
+
+    on_device = tensor.to(device)
+    tdist.broadcast(on_device, src=0)
+    return on_device.cpu()
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -1067,14 +1078,8 @@ class _BudgetClock:
         self.device = device
 
     def __call__(self) -> bool:
-        over = time.perf_counter() - self.clock_start > self.budget
-        if self.dist.world_size > 1:
-            flag = torch.tensor([over], dtype=torch.uint8, device=self.device)
-            import torch.distributed as tdist
-
-            tdist.broadcast(flag, src=0)
-            over = bool(flag.item())
-        return over
+        over = torch.tensor([time.perf_counter() - self.clock_start > self.budget], dtype=torch.uint8)
+        return bool(_broadcast_from_rank0(over, self.dist, self.device)[0])
 
 
 class _BudgetPlanner:
@@ -1122,12 +1127,7 @@ class _BudgetPlanner:
             return
         sec_per_step = spent / timed if timed > 0 else now - self.wall_start
         measured = torch.tensor([sec_per_step, self.measure_eval()], dtype=torch.float64)
-        if self.dist.world_size > 1:  # every rank follows rank 0's measurement
-            import torch.distributed as tdist
-
-            measured = measured.to(self.device)
-            tdist.broadcast(measured, src=0)
-            measured = measured.cpu()
+        measured = _broadcast_from_rank0(measured, self.dist, self.device)  # every rank follows rank 0
         plan = plan_budget(
             self.cfg,
             sec_per_step=float(measured[0]),
