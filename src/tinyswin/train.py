@@ -464,10 +464,9 @@ def train_one_epoch(
         state.step += 1
         if step_hook is not None:
             step_hook(state.step - first_step)
-        if should_stop is not None and should_stop():
-            progress_update(progress, value, lr, images, start)
-            break
         progress_update(progress, value, lr, images, start)
+        if should_stop is not None and should_stop():
+            break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return EpochStats(
