@@ -9,18 +9,15 @@ way, so those allow a difference of 1 level on a small fraction of pixels (MAE <
 
 from __future__ import annotations
 
-import io
 import math
-import zipfile
 
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op
 
+from imagegen import smooth_images
 from tinyswin.data import augment_geometry as geo
 from tinyswin.data import augment_mix as mixing
 from tinyswin.data import augment_ops as ops
@@ -31,53 +28,7 @@ MEAN = (0.4802, 0.4481, 0.3975)
 STD = (0.2296, 0.2263, 0.2255)
 
 
-def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """Natural-looking uint8 images (N, 3, size, size): colour waves, a gradient, an edge, grain."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = np.empty((n, size, size, 3))
-    for i in range(n):
-        img = np.zeros((size, size, 3)) + rng.uniform(40, 200, size=3)
-        for _ in range(3):
-            f = rng.uniform(0.5, 3.0, size=2)
-            amp = rng.uniform(10, 50, size=3)
-            img += amp * np.sin(2 * np.pi * (f[0] * xx + f[1] * yy) + rng.uniform(0, 6.3))[..., None]
-        img += rng.uniform(-40, 40) * xx[..., None]
-        img[: size // 3, : size // 2] += rng.uniform(-60, 60, size=3)  # an edge
-        img += rng.normal(0, 3, size=img.shape)  # sensor grain
-        out[i] = img
-    if n > 1:
-        out[1, :, :, :] = out[1, :, :, :1]  # one gray image (hue and saturation corner cases)
-    if n > 2:
-        out[2] = np.clip(out[2], 90, 160)  # a low-contrast one
-    return torch.from_numpy(np.clip(out, 0, 255).round().astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches run faster on one thread (no OpenMP hand-offs on a busy machine); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def jpeg_images(request) -> torch.Tensor:
-    """24 decoded Tiny ImageNet JPEGs (N, 3, 64, 64) uint8, or a skip when the shared zip is absent."""
-    path = request.getfixturevalue("shared_zip")
-    with zipfile.ZipFile(path) as zf:
-        names = sorted(n for n in zf.namelist() if "/train/" in n and n.endswith(".JPEG"))[::2000][:24]
-        arrays = [np.asarray(Image.open(io.BytesIO(zf.read(n))).convert("RGB")) for n in names]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-@pytest.fixture(params=["smooth", "jpeg"])
-def images(request) -> torch.Tensor:
-    """uint8 (N, 3, H, W) test images: synthetic (always) and real JPEGs (when the shared zip exists)."""
-    if request.param == "smooth":
-        return smooth_images(24)
-    return request.getfixturevalue("jpeg_images")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_image(images: torch.Tensor, fn) -> torch.Tensor:

@@ -34,10 +34,12 @@ probabilities absolute). Lambda ~ Beta(alpha, alpha), clipped to ``mix_lambda_cl
 clipped to the image and lambda recomputed from its area; soft targets are ``lam * y + (1 - lam) *
 y[partner]`` (with ``mix_label_smoothing`` folded into both one-hot vectors).
 
-Speed: nothing loops over samples. Parameters are drawn for the whole batch at once; every op runs on all
-the samples that drew it (gathered with ``index_select``, written back with ``index_copy_``); masks are
-0/1 float arithmetic, histograms one ``bincount``/``scatter_add_``. On a CPU the ColorJitter blends run on
-cache-sized slices of the batch, and small batches run fastest with ``torch.set_num_threads(1)``.
+Speed: parameters are drawn for the whole batch at once. On a GPU (and on a CPU with ``native=False``)
+nothing loops over samples in Python: every op runs on all the samples that drew it (gathered with
+``index_select``, written back with ``index_copy_``), masks are 0/1 float arithmetic, histograms one
+``bincount``/``scatter_add_``. On a CPU that costs one PyTorch op per arithmetic step over batches larger
+than the cache, so there the crop, the RandAugment slots and ColorJitter + Normalize run in the compiled
+kernels of ``augment_native`` (C, built on first use; same results bit for bit), one pass per sample.
 """
 
 from __future__ import annotations
@@ -50,15 +52,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tinyswin.data import augment_native
 from tinyswin.data.augment_geometry import (
     CropBoxes,
+    crop_source_coords,
     pad_crop,
     resize,
     resized_crop,
     sample_pad_crop,
     sample_resized_crop,
+    upsamples_exactly,
 )
 from tinyswin.data.augment_mix import EraseParams, MixParams, erase_, mix_, sample_erasing, sample_mix
+from tinyswin.data.augment_native import NativeKernels
 from tinyswin.data.augment_policy import (
     ColorJitterParams,
     RandAugmentParams,
@@ -300,16 +306,21 @@ class AugmentParams:
     mix: MixParams | None
 
 
-def _to_float_nchw(images: Tensor) -> Tensor:
-    """uint8 ``(B, H, W, 3)`` or ``(B, 3, H, W)`` -> contiguous float32 ``(B, 3, H, W)`` in [0, 255]."""
+def _channels_first(images: Tensor) -> Tensor:
+    """Check a uint8 ``(B, H, W, 3)`` or ``(B, 3, H, W)`` batch; return it as a ``(B, 3, H, W)`` view."""
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
         got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"augment: images must be a uint8 tensor (B, H, W, 3) or (B, 3, H, W), got {got}")
     if images.shape[-1] == 3:
-        images = images.permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
-    elif images.shape[1] != 3:
+        return images.permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+    if images.shape[1] != 3:
         raise ValueError(f"augment: images need 3 channels first or last, got shape {tuple(images.shape)}")
-    return images.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+    return images
+
+
+def _to_float_nchw(images: Tensor) -> Tensor:
+    """uint8 ``(B, H, W, 3)`` or ``(B, 3, H, W)`` -> contiguous float32 ``(B, 3, H, W)`` in [0, 255]."""
+    return _channels_first(images).to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
 def _image_hw(images: Tensor) -> tuple[int, int]:
@@ -326,6 +337,9 @@ class Augment:
         config: the pipeline.
         mean, std: per-channel normalization (3 floats each, 0..1 scale).
         num_classes: number of classes (width of soft targets).
+        native: on CPU batches, run the crop, RandAugment pixel ops and ColorJitter + Normalize with the
+            compiled kernels of ``augment_native`` when they are available (same results, several times
+            faster); False always runs the eager PyTorch ops.
     """
 
     def __init__(
@@ -334,6 +348,7 @@ class Augment:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         num_classes: int,
+        native: bool = True,
     ) -> None:
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -344,9 +359,19 @@ class Augment:
         self.mean = mean
         self.std = std
         self.num_classes = int(num_classes)
+        self.native = bool(native)
 
     def __repr__(self) -> str:
-        return f"Augment({self.config}, mean={self.mean}, std={self.std}, num_classes={self.num_classes})"
+        return (
+            f"Augment({self.config}, mean={self.mean}, std={self.std}, num_classes={self.num_classes}, "
+            f"native={self.native})"
+        )
+
+    def kernels(self, device: torch.device) -> NativeKernels | None:
+        """The native kernels for a batch on ``device`` (None on a GPU, with ``native=False``, or without)."""
+        if not self.native or device.type != "cpu":
+            return None
+        return augment_native.load()
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """(H', W') of the training batches for stored images of size (height, width)."""
@@ -424,40 +449,58 @@ class Augment:
             )
         return AugmentParams(crop=crop, flip=flip, randaug=randaug, jitter=jitter, erase=erasing, mix=mixing)
 
-    def augment_uint8(self, images: Tensor, params: AugmentParams) -> Tensor:
+    def augment_uint8(self, images: Tensor, params: AugmentParams, normalize: bool = False) -> Tensor:
         """Crop, flip, RandAugment and ColorJitter: the uint8-valued part of the pipeline.
 
         Args:
             images: uint8 ``(B, H, W, 3)`` or ``(B, 3, H, W)``.
             params: draws from ``sample`` for this batch.
+            normalize: also apply ``Normalize(mean, std)`` (the native kernels fuse it into ColorJitter).
 
         Returns:
-            ``(B, 3, H', W')`` float32 whole numbers in [0, 255].
+            ``(B, 3, H', W')`` float32 whole numbers in [0, 255], or normalized with ``normalize``.
         """
         cfg = self.config
-        x = _to_float_nchw(images)
-        out_hw = self.output_size(x.shape[-2], x.shape[-1])
-        if params.crop is not None and cfg.crop == "rrc":
-            x = resized_crop(x, params.crop, params.flip, out_hw, cfg.interpolation)
+        kernels = self.kernels(images.device)
+        out_hw = self.output_size(*_image_hw(images))
+        crop = params.crop
+        if kernels is not None and cfg.crop == "rrc" and upsamples_exactly(crop, out_hw, cfg.interpolation):
+            ys, xs = crop_source_coords(crop, params.flip, out_hw)
+            x = kernels.crop_bilinear(_channels_first(images), ys, xs)  # reads the uint8 batch directly
         else:
-            x = resize(x, out_hw, cfg.interpolation)
-            if params.crop is not None:
-                x = pad_crop(x, params.crop, params.flip, cfg.crop_padding)
-            elif bool(params.flip.any()):
-                idx = params.flip.nonzero().squeeze(1).to(x.device)
-                x.index_copy_(0, idx, x.index_select(0, idx).flip(3))
+            x = _to_float_nchw(images)
+            if crop is not None and cfg.crop == "rrc":
+                x = resized_crop(x, crop, params.flip, out_hw, cfg.interpolation)
+            else:
+                x = resize(x, out_hw, cfg.interpolation)
+                if crop is not None:
+                    x = pad_crop(x, crop, params.flip, cfg.crop_padding)
+                elif bool(params.flip.any()):
+                    idx = params.flip.nonzero().squeeze(1).to(x.device)
+                    x.index_copy_(0, idx, x.index_select(0, idx).flip(3))
+            x = x.contiguous()
         if params.randaug is not None:
-            x = randaugment_(x, params.randaug, cfg.randaug_interpolation)
+            x = randaugment_(x, params.randaug, cfg.randaug_interpolation, kernels)
+        if params.jitter is not None and kernels is not None:
+            jitter = params.jitter
+            fused = self._normalization(x) if normalize else None
+            return kernels.color_jitter_(x, jitter.order, jitter.factors, jitter.enabled, fused)
         if params.jitter is not None:
             x = color_jitter_(x, params.jitter)
-        return x
+        return self._normalize_(x) if normalize else x
 
-    def _normalize_(self, x: Tensor) -> Tensor:
-        """In place: ``(x / 255 - mean) / std`` for a float ``(B, 3, H, W)`` batch in [0, 255]."""
+    def _normalization(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)``: float32 ``(3,)`` tensors on ``x``'s device, ``scale = 1 / (255 std)``,
+        ``shift = mean / std``."""
         scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=x.dtype, device=x.device)
         shift = torch.tensor(
             [m / s for m, s in zip(self.mean, self.std, strict=True)], dtype=x.dtype, device=x.device
         )
+        return scale, shift
+
+    def _normalize_(self, x: Tensor) -> Tensor:
+        """In place: ``(x / 255 - mean) / std`` for a float ``(B, 3, H, W)`` batch in [0, 255]."""
+        scale, shift = self._normalization(x)
         return x.mul_(scale.view(1, 3, 1, 1)).sub_(shift.view(1, 3, 1, 1))
 
     def apply(self, images: Tensor, labels: Tensor, params: AugmentParams) -> tuple[Tensor, Tensor]:
@@ -472,7 +515,7 @@ class Augment:
             ``(x, targets)``: float32 ``(B, 3, H', W')`` on the images' device; int64 ``(B,)`` labels, or
             float32 ``(B, num_classes)`` soft targets when a mix was applied.
         """
-        x = self._normalize_(self.augment_uint8(images, params))
+        x = self.augment_uint8(images, params, normalize=True)
         if params.erase is not None:
             value = self.config.erase_value
             x = erase_(x, params.erase, 0.0 if isinstance(value, str) else value)
@@ -520,6 +563,7 @@ def build_augment(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     num_classes: int,
+    native: bool = True,
 ) -> Augment:
     """Build the augmentation for a dataset.
 
@@ -528,6 +572,7 @@ def build_augment(
             'preset' entry names the base preset, default 'none').
         mean, std: per-channel normalization (3 floats each, 0..1 scale).
         num_classes: number of classes.
+        native: use the compiled CPU kernels where they apply (see ``Augment``).
 
     Returns:
         Augment.
@@ -543,4 +588,4 @@ def build_augment(
         raise ValueError(
             f"augment: expected a preset name, AugmentConfig or mapping, got {preset_or_config!r}"
         )
-    return Augment(config, mean, std, num_classes)
+    return Augment(config, mean, std, num_classes, native=native)

@@ -30,6 +30,8 @@ from torch import Tensor
 
 __all__ = [
     "CropBoxes",
+    "affine_grid_parts",
+    "crop_source_coords",
     "pad_crop",
     "randaugment_affine",
     "resize",
@@ -38,6 +40,7 @@ __all__ = [
     "sample_resized_crop",
     "translate",
     "translate_",
+    "upsamples_exactly",
     "warp_affine",
 ]
 
@@ -194,6 +197,35 @@ def _resample_weights(
     return weights.to(torch.float32)
 
 
+def crop_source_coords(boxes: CropBoxes, flip: Tensor, out_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Source coordinates of a bilinear, non-shrinking resized crop, as torchvision's resize samples them.
+
+    Output pixel ``i`` of an axis reads source position ``(i + 0.5) * length / out - 0.5``, clamped to the
+    crop (the antialiased kernel drops taps outside it) and offset by the crop's start; flipped samples read
+    their columns in reverse.
+
+    Args:
+        boxes: CPU crop boxes, ``(N,)`` each.
+        flip: ``(N,)`` bool CPU tensor.
+        out_hw: output (height, width).
+
+    Returns:
+        ``(ys, xs)``: float64 CPU ``(N, oh)`` rows and ``(N, ow)`` columns in source pixel units.
+    """
+    coords = []
+    for start, length, out, rev in (
+        (boxes.top, boxes.height, out_hw[0], None),
+        (boxes.left, boxes.width, out_hw[1], flip),
+    ):
+        idx = torch.arange(out, dtype=torch.float64).expand(len(start), out)  # (N, out)
+        if rev is not None:
+            idx = torch.where(rev.unsqueeze(1), out - 1 - idx, idx)
+        src = (idx + 0.5) * (length.double() / out).unsqueeze(1) - 0.5
+        src = torch.minimum(src.clamp(min=0.0), (length - 1).double().unsqueeze(1))  # inside the crop
+        coords.append(src + start.unsqueeze(1))
+    return coords[0], coords[1]
+
+
 def _clamped_grid(
     boxes: CropBoxes, flip: Tensor, in_hw: tuple[int, int], out_hw: tuple[int, int], device: torch.device
 ) -> Tensor:
@@ -202,20 +234,24 @@ def _clamped_grid(
     The per-sample x and y coordinates (``(N, ow)`` and ``(N, oh)``) are computed on the CPU in float64;
     only they travel to the device, where the grid is expanded.
     """
-    coords = []
-    for start, length, size, out, rev in (
-        (boxes.left, boxes.width, in_hw[1], out_hw[1], flip),
-        (boxes.top, boxes.height, in_hw[0], out_hw[0], None),
-    ):
-        idx = torch.arange(out, dtype=torch.float64).expand(len(start), out)  # (N, out)
-        if rev is not None:
-            idx = torch.where(rev.unsqueeze(1), out - 1 - idx, idx)
-        src = (idx + 0.5) * (length.double() / out).unsqueeze(1) - 0.5
-        src = torch.minimum(src.clamp(min=0.0), (length - 1).double().unsqueeze(1)) + start.unsqueeze(1)
-        coords.append(((2.0 * src + 1.0) / size - 1.0).to(dtype=torch.float32).to(device))
-    gx, gy = coords  # (N, ow), (N, oh)
+    ys, xs = crop_source_coords(boxes, flip, out_hw)
+    gx = ((2.0 * xs + 1.0) / in_hw[1] - 1.0).to(dtype=torch.float32).to(device)  # (N, ow)
+    gy = ((2.0 * ys + 1.0) / in_hw[0] - 1.0).to(dtype=torch.float32).to(device)  # (N, oh)
     n, (oh, ow) = len(gx), out_hw
     return torch.stack([gx.unsqueeze(1).expand(n, oh, ow), gy.unsqueeze(2).expand(n, oh, ow)], dim=3)
+
+
+def upsamples_exactly(boxes: CropBoxes, out_hw: tuple[int, int], interpolation: str) -> bool:
+    """True when a resized crop is bilinear, enlarges (or keeps) every box, and the output sides are powers of
+    two up to 64: then every interpolated value is a dyadic rational that float32 holds exactly (torchvision's
+    result, the grid path's and the native kernel's are the same whole number after rounding).
+    """
+    pow2 = all(0 < side <= 64 and side & (side - 1) == 0 for side in out_hw)
+    return (
+        interpolation == "bilinear"
+        and pow2
+        and not bool((boxes.height > out_hw[0]).any() or (boxes.width > out_hw[1]).any())
+    )
 
 
 def resized_crop(
@@ -323,13 +359,30 @@ def randaugment_affine(ops: str | Sequence[str], magnitude: Tensor, height: int,
     return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(-1, 2, 3).to(torch.float32)
 
 
+def affine_grid_parts(theta: Tensor, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The factors of torchvision's affine sampling grid: ``grid[n, i, j] = (xs[j] * m[n, 0] + m[n, 2]) +
+    ys[i] * m[n, 1]``.
+
+    Args:
+        theta: ``(N, 2, 3)`` float32 inverse matrices.
+        h, w: image size.
+
+    Returns:
+        ``(m, xs, ys)``: ``(N, 3, 2)`` rescaled matrices ``theta^T / (w / 2, h / 2)``, the ``(W,)`` and
+        ``(H,)`` pixel-centre coordinates relative to the image centre (float32, on ``theta``'s device).
+    """
+    half = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=theta.device)
+    rescaled = theta.transpose(1, 2) / half  # (N, 3, 2)
+    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=theta.device)
+    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=theta.device)
+    return rescaled, xs, ys
+
+
 def _affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
     """torchvision's sampling grid for inverse matrices ``theta`` (N, 2, 3): ``(N, H, W, 2)`` float32."""
     n = theta.shape[0]
-    half = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=theta.device)
-    rescaled = theta.transpose(1, 2) / half  # (N, 3, 2)
-    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=theta.device).view(1, 1, w, 1)
-    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=theta.device).view(1, h, 1, 1)
+    rescaled, xs, ys = affine_grid_parts(theta, h, w)
+    xs, ys = xs.view(1, 1, w, 1), ys.view(1, h, 1, 1)
     row_x = xs * rescaled[:, 0].view(n, 1, 1, 2)  # (N, 1, W, 2)
     row_x.add_(rescaled[:, 2].view(n, 1, 1, 2))
     return row_x + ys * rescaled[:, 1].view(n, 1, 1, 2)  # (N, H, W, 2)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from tinyswin.data import augment_ops as ops
-from tinyswin.data.augment_geometry import randaugment_affine, translate_, warp_affine
+from tinyswin.data.augment_geometry import affine_grid_parts, randaugment_affine, translate_, warp_affine
+from tinyswin.data.augment_native import NativeKernels
 
 __all__ = [
     "COLOR_JITTER_OPS",
@@ -211,27 +212,42 @@ def _groups(column: Tensor, count: int) -> Iterator[tuple[int, Tensor]]:
         start += c
 
 
-def randaugment_(x: Tensor, params: RandAugmentParams, interpolation: str = "nearest") -> Tensor:
+def randaugment_(
+    x: Tensor,
+    params: RandAugmentParams,
+    interpolation: str = "nearest",
+    kernels: NativeKernels | None = None,
+) -> Tensor:
     """Apply each sample's RandAugment ops in order, in place.
 
     For each op slot, the samples that drew a geometric op are warped together (one ``grid_sample`` with
-    per-sample matrices), and the samples of each pixel op are gathered, transformed and written back.
+    per-sample matrices), and the samples of each pixel op are gathered, transformed and written back (or,
+    with ``kernels`` and a CPU batch, transformed in place by one native call for the whole slot).
 
     Args:
-        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255]; overwritten with the result.
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255], contiguous; overwritten with the result.
         params: draws from ``sample_randaugment`` for these N samples.
         interpolation: 'nearest' or 'bilinear' for the geometric ops.
+        kernels: native CPU kernels (``augment_native.load()``), or None for the eager ops.
 
     Returns:
         ``x``.
     """
-    height, width = x.shape[-2:]
+    native = kernels is not None and x.device.type == "cpu"
+    n, _, height, width = x.shape
     warped = torch.tensor([name in ("ShearX", "ShearY", "Rotate") for name in RANDAUGMENT_OPS])
     shift_x = torch.tensor([name == "TranslateX" for name in RANDAUGMENT_OPS])
     shift_y = torch.tensor([name == "TranslateY" for name in RANDAUGMENT_OPS])
     for slot in range(params.ops.shape[1]):
         column, values = params.ops[:, slot], params.values[:, slot]
         idx = warped[column].nonzero().squeeze(1)
+        if native and interpolation == "nearest":  # the whole slot, warps included, in one call
+            names = [RANDAUGMENT_OPS[k] for k in column[idx].tolist()]
+            theta = randaugment_affine(names, values[idx], height, width)  # (M, 2, 3)
+            rescaled, xs, ys = affine_grid_parts(theta, height, width)
+            matrices = torch.zeros(n, 3, 2).index_copy_(0, idx, rescaled)  # (N, 3, 2)
+            kernels.randaugment_slot_(x, column, values, (matrices, xs, ys))
+            continue
         if idx.numel():
             names = [RANDAUGMENT_OPS[k] for k in column[idx].tolist()]
             theta = randaugment_affine(names, values[idx], height, width)
@@ -242,6 +258,9 @@ def randaugment_(x: Tensor, params: RandAugmentParams, interpolation: str = "nea
         dy = torch.where(shift_y[column], pixels, 0)
         if bool((dx != 0).any() or (dy != 0).any()):
             translate_(x, dx, dy)
+        if native:
+            kernels.randaugment_slot_(x, column, values)  # pixel ops; the warps are done
+            continue
         for k, idx in _groups(column, len(RANDAUGMENT_OPS)):
             name = RANDAUGMENT_OPS[k]
             if name == "Identity" or name in _GEOMETRIC:

@@ -1,0 +1,351 @@
+/* Per-pixel augmentation kernels for CPU batches: one pass per sample instead of one PyTorch op per step.
+ *
+ * Built on first use by tinyswin/data/native.py with the system C compiler (-O3 -ffp-contract=off, so that
+ * no multiply-add is fused and every float32 expression rounds exactly as the PyTorch ops it replaces) and
+ * called through ctypes. Each kernel reproduces the eager batched ops of augment_geometry.py,
+ * augment_ops.py and augment_policy.py bit for bit (tests/test_augment_native.py checks them against those
+ * ops and against torchvision): the same float32 expressions in the same order, the same clamping, the same
+ * truncation or round-half-to-even back to whole numbers.
+ *
+ * Images are float32 (N, 3, H, W) contiguous batches of whole numbers in [0, 255] (uint8 semantics); the
+ * crop kernel reads the uint8 source batch through its strides. Per-sample parameters come as float64 (the
+ * Python floats torchvision receives) and are converted to float32 where torchvision's ops do so.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* truncation of a value >= 0 (the uint8 cast of a clamped value); a vector instruction with SSE4.1 */
+static inline float trunc_pos(float v) { return floorf(v); }
+
+/* round half to even of 0 <= v < 2^22 (torch.round); exact with -ffp-contract=off, no fast-math */
+static inline float round_even(float v) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    return (v + magic) - magic;
+}
+
+/* clamps written as two selections, which compilers turn into vector max and min */
+/* c ? a : b, in a form compilers turn into vector blends */
+static inline float sel(int c, float a, float b) { return c ? a : b; }
+
+static inline float clamp255(float v) {
+    v = v > 0.0f ? v : 0.0f;
+    return v < 255.0f ? v : 255.0f;
+}
+
+static inline float clamp01(float v) {
+    v = v > 0.0f ? v : 0.0f;
+    return v < 1.0f ? v : 1.0f;
+}
+
+/* ------------------------------------------------------------------------------------------- crop */
+
+/* Bilinear resized crop (upsampling only) with flip, from a uint8 batch to float32 whole numbers.
+ *
+ * src: uint8 batch, element (i, c, y, x) at src[i*sn + c*sc + y*sh + x*sw] (either layout).
+ * ys: (n, oh) source row of each output row, xs: (n, ow) source column of each output column: absolute,
+ *     already clamped to the crop and mirrored where flipped (float64).
+ * out: (n, 3, oh, ow) float32. work_row: 3 * w floats; work_idx: 2 * ow int32; work_wt: 2 * ow floats.
+ * Separable: for each output row, the two source rows are blended (all channels at once when they are
+ * interleaved), then the columns. The caller uses this kernel only where every value is a dyadic rational that float32 holds
+ * exactly (crops no larger than the output, output sides powers of two up to 64: weights k / 128,
+ * products under 2^24), so the result, rounded half to even, is the same whole number as torchvision's
+ * antialiased resize followed by round(), in any order of the two passes.
+ */
+void crop_bilinear_u8(const uint8_t *src, int64_t n, int64_t h, int64_t w, int64_t sn, int64_t sc,
+                      int64_t sh, int64_t sw, const double *ys, const double *xs, int64_t oh, int64_t ow,
+                      float *out, float *work_row, int32_t *work_idx, float *work_wt) {
+    int32_t *restrict x0 = work_idx, *restrict x1 = work_idx + ow; /* int32: vector gathers */
+    float *restrict lx = work_wt, *restrict kx = work_wt + ow;
+    for (int64_t i = 0; i < n; i++) {
+        const double *sy = ys + i * oh, *sx = xs + i * ow;
+        for (int64_t x = 0; x < ow; x++) {
+            int32_t a = (int32_t)sx[x];
+            x0[x] = a;
+            x1[x] = a + 1 < w ? a + 1 : (int32_t)w - 1;
+            lx[x] = (float)(sx[x] - (double)a);
+            kx[x] = 1.0f - lx[x];
+        }
+        for (int64_t y = 0; y < oh; y++) {
+            int64_t r0 = (int64_t)sy[y];
+            int64_t r1 = r0 + 1 < h ? r0 + 1 : h - 1;
+            float ly = (float)(sy[y] - (double)r0), ky = 1.0f - ly;
+            if (sc == 1 && sw == 3) { /* channels last: both rows are 3 * w contiguous bytes */
+                const uint8_t *top = src + i * sn + r0 * sh, *bottom = src + i * sn + r1 * sh;
+                float *restrict row = work_row;
+                for (int64_t k = 0; k < 3 * w; k++) row[k] = ky * (float)top[k] + ly * (float)bottom[k];
+                for (int64_t c = 0; c < 3; c++) {
+                    float *restrict o = out + ((i * 3 + c) * oh + y) * ow;
+                    for (int64_t x = 0; x < ow; x++) {
+                        o[x] = round_even(kx[x] * row[3 * x0[x] + c] + lx[x] * row[3 * x1[x] + c]);
+                    }
+                }
+                continue;
+            }
+            for (int64_t c = 0; c < 3; c++) { /* any other strides: one channel at a time */
+                const uint8_t *top = src + i * sn + c * sc + r0 * sh, *bottom = src + i * sn + c * sc + r1 * sh;
+                float *restrict row = work_row;
+                for (int64_t x = 0; x < w; x++) row[x] = ky * (float)top[x * sw] + ly * (float)bottom[x * sw];
+                float *restrict o = out + ((i * 3 + c) * oh + y) * ow;
+                for (int64_t x = 0; x < ow; x++) o[x] = round_even(kx[x] * row[x0[x]] + lx[x] * row[x1[x]]);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------ colour ops */
+
+/* torchvision rgb_to_grayscale on uint8: float32 0.2989 r + 0.587 g + 0.114 b, truncated */
+static void grayscale(const float *r, const float *g, const float *b, float *restrict gray, int64_t hw) {
+    for (int64_t k = 0; k < hw; k++) {
+        float v = 0.2989f * r[k] + 0.587f * g[k];
+        gray[k] = trunc_pos(v + 0.114f * b[k]);
+    }
+}
+
+/* x = trunc(clamp(keep * x + other_deg)), other_deg = float32((1 - f)) * degenerate, on one plane */
+static void blend_plane(float *restrict x, const float *restrict weighted, float keep, int64_t hw) {
+    for (int64_t k = 0; k < hw; k++) x[k] = trunc_pos(clamp255(keep * x[k] + weighted[k]));
+}
+
+static void blend_scalar(float *x, float weighted, float keep, int64_t hw) {
+    for (int64_t k = 0; k < hw; k++) x[k] = trunc_pos(clamp255(keep * x[k] + weighted));
+}
+
+static void brightness(float *img, double f, int64_t hw) {
+    float keep = (float)f;
+    for (int64_t k = 0; k < 3 * hw; k++) img[k] = trunc_pos(clamp255(keep * img[k]));
+}
+
+/* blend with the grayscale image (saturation, RandAugment's Color) */
+static void saturation(float *img, double f, int64_t hw, float *work) {
+    float keep = (float)f, other = (float)(1.0 - f);
+    grayscale(img, img + hw, img + 2 * hw, work, hw);
+    for (int64_t k = 0; k < hw; k++) work[k] = work[k] * other;
+    for (int64_t c = 0; c < 3; c++) blend_plane(img + c * hw, work, keep, hw);
+}
+
+/* blend with the mean of the truncated grayscale image; the sum of whole numbers is exact, and torch's
+ * float32 mean is the correctly rounded sum / count */
+static void contrast(float *img, double f, int64_t hw, float *work) {
+    float keep = (float)f, other = (float)(1.0 - f);
+    grayscale(img, img + hw, img + 2 * hw, work, hw);
+    double sum = 0.0;
+    for (int64_t k = 0; k < hw; k++) sum += work[k];
+    float mean = (float)sum / (float)hw;
+    for (int64_t c = 0; c < 3; c++) blend_scalar(img + c * hw, mean * other, keep, hw);
+}
+
+/* blend with the image smoothed by [[1,1,1],[1,5,1],[1,1,1]] / 13 (rounded; the border is kept) */
+static void sharpness(float *img, double f, int64_t h, int64_t w, float *work) {
+    if (h <= 2 || w <= 2) return;
+    float keep = (float)f, other = (float)(1.0 - f);
+    int64_t hw = h * w;
+    for (int64_t c = 0; c < 3; c++) {
+        float *x = img + c * hw;
+        for (int64_t k = 0; k < hw; k++) work[k] = x[k] * other;
+        for (int64_t y = 1; y < h - 1; y++) {
+            const float *up = x + (y - 1) * w, *mid = x + y * w, *down = x + (y + 1) * w;
+            for (int64_t j = 1; j < w - 1; j++) {
+                float box = up[j - 1] + up[j] + up[j + 1] + mid[j - 1] + mid[j] + mid[j + 1] + down[j - 1] +
+                            down[j] + down[j + 1];
+                float smooth = round_even((box + 4.0f * mid[j]) / 13.0f);
+                work[y * w + j] = clamp255(smooth) * other;
+            }
+        }
+        blend_plane(x, work, keep, hw);
+    }
+}
+
+static void posterize(float *img, double bits, int64_t hw) {
+    float step = (float)(1 << (8 - (int)bits));
+    for (int64_t k = 0; k < 3 * hw; k++) img[k] = trunc_pos(img[k] / step) * step;
+}
+
+static void solarize(float *img, double threshold, int64_t hw) {
+    float t = (float)threshold;
+    for (int64_t k = 0; k < 3 * hw; k++) img[k] = img[k] >= t ? 255.0f - img[k] : img[k];
+}
+
+static void autocontrast(float *img, int64_t hw) {
+    for (int64_t c = 0; c < 3; c++) {
+        float *x = img + c * hw;
+        float lo = x[0], hi = x[0];
+        for (int64_t k = 1; k < hw; k++) {
+            lo = x[k] < lo ? x[k] : lo;
+            hi = x[k] > hi ? x[k] : hi;
+        }
+        if (hi == lo) continue; /* 255 / 0 is not finite: torchvision leaves the channel as it is */
+        float scale = (1.0f / (hi - lo)) * 255.0f; /* torch's 255.0 / t is reciprocal(t) * 255 */
+        for (int64_t k = 0; k < hw; k++) x[k] = trunc_pos(clamp255((x[k] - lo) * scale));
+    }
+}
+
+/* torchvision's uint8 equalize: look-up table from the cumulative histogram, step from all but the last
+ * non-empty bin; channels whose step is 0 stay unchanged */
+static void equalize(float *img, int64_t hw) {
+    for (int64_t c = 0; c < 3; c++) {
+        float *x = img + c * hw;
+        int64_t hist[256], lut[256];
+        memset(hist, 0, sizeof(hist));
+        int64_t top = 0;
+        for (int64_t k = 0; k < hw; k++) {
+            int64_t v = (int64_t)x[k];
+            hist[v]++;
+            top = v > top ? v : top;
+        }
+        int64_t step = (hw - hist[top]) / 255;
+        if (step == 0) continue;
+        int64_t cum = 0;
+        for (int v = 0; v < 256; v++) {
+            int64_t value = (cum + step / 2) / step;
+            lut[v] = value > 255 ? 255 : value;
+            cum += hist[v];
+        }
+        for (int64_t k = 0; k < hw; k++) x[k] = (float)lut[(int64_t)x[k]];
+    }
+}
+
+/* torchvision's adjust_hue on uint8: _rgb2hsv of x / 255, hue shift modulo 1, _hsv2rgb, x * 255.999
+ * truncated; the same float32 expressions, pixel by pixel */
+static void hue(float *img, double factor, int64_t hw) {
+    float shift = (float)factor;
+    float *restrict red = img, *restrict green = img + hw, *restrict blue = img + 2 * hw;
+    for (int64_t k = 0; k < hw; k++) {
+        float r = red[k] / 255.0f, g = green[k] / 255.0f, b = blue[k] / 255.0f;
+        float maxc = sel(r > g, r, g);
+        maxc = sel(maxc > b, maxc, b);
+        float minc = sel(r < g, r, g);
+        minc = sel(minc < b, minc, b);
+        int eq = maxc == minc;
+        float cr = maxc - minc;
+        float s = cr / sel(eq, 1.0f, maxc);
+        float div = sel(eq, 1.0f, cr);
+        float rc = (maxc - r) / div, gc = (maxc - g) / div, bc = (maxc - b) / div;
+        float hr = bc - gc, hg = (2.0f + rc) - bc, hb = (4.0f + gc) - rc;
+        float hh = sel(maxc == r, hr, sel(maxc == g, hg, hb));
+        hh = hh / 6.0f + 1.0f;
+        hh = sel(hh >= 1.0f, hh - 1.0f, hh); /* fmod(h, 1) for h in [0, 2) */
+        hh = hh + shift;                     /* remainder(h, 1) for h in [-1, 2) */
+        hh = sel(hh < 0.0f, hh + 1.0f, sel(hh >= 1.0f, hh - 1.0f, hh));
+        float h6 = hh * 6.0f;
+        float sector = floorf(h6);
+        float fr = h6 - sector;
+        sector = sel(sector >= 6.0f, sector - 6.0f, sector); /* i % 6 */
+        float v = maxc;
+        float p = clamp01(v * (1.0f - s));
+        float q = clamp01(v * (1.0f - s * fr));
+        float t = clamp01(v * (1.0f - s * (1.0f - fr)));
+        /* sectors 0..5: r = (v, q, p, p, t, v), g = (t, v, v, q, p, p), b = (p, p, t, v, v, q) */
+        int s0 = sector == 0.0f, s1 = sector == 1.0f, s2 = sector == 2.0f;
+        int s3 = sector == 3.0f, s4 = sector == 4.0f, s5 = sector == 5.0f;
+        float ro = sel(s0 | s5, v, sel(s1, q, sel(s4, t, p)));
+        float go = sel(s1 | s2, v, sel(s0, t, sel(s3, q, p)));
+        float bo = sel(s3 | s4, v, sel(s2, t, sel(s5, q, p)));
+        red[k] = floorf(ro * 255.999f);
+        green[k] = floorf(go * 255.999f);
+        blue[k] = floorf(bo * 255.999f);
+    }
+}
+
+/* ------------------------------------------------------------------------------------ pipelines */
+
+/* Nearest-neighbour affine warp with zero fill, as torch's CPU grid_sample (align_corners=False) on
+ * torchvision's grid: g = (xs[j] * m[0] + m[4]) + ys[i] * m[2] for x (m[1], m[5], m[3] for y), where m is
+ * the (3, 2) matrix theta^T / (w / 2, h / 2); source index round_half_even((g + 1) * size / 2 - 0.5). */
+static void warp_nearest(float *img, const float *m, const float *xs, const float *ys, int64_t h, int64_t w,
+                         float *work) {
+    int64_t hw = h * w;
+    memcpy(work, img, (size_t)(3 * hw) * sizeof(float));
+    float half_w = (float)w / 2.0f, half_h = (float)h / 2.0f;
+    for (int64_t i = 0; i < h; i++) {
+        for (int64_t j = 0; j < w; j++) {
+            float gx = (xs[j] * m[0] + m[4]) + ys[i] * m[2];
+            float gy = (xs[j] * m[1] + m[5]) + ys[i] * m[3];
+            float ix = round_even((gx + 1.0f) * half_w - 0.5f);
+            float iy = round_even((gy + 1.0f) * half_h - 0.5f);
+            int inside = ix > -1.0f && ix < (float)w && iy > -1.0f && iy < (float)h;
+            int64_t src = inside ? (int64_t)iy * w + (int64_t)ix : 0;
+            for (int64_t c = 0; c < 3; c++) img[c * hw + i * w + j] = inside ? work[c * hw + src] : 0.0f;
+        }
+    }
+}
+
+/* shift by whole pixels with zero fill: out[y, x] = in[y - dy, x - dx] */
+static void translate(float *img, int64_t dx, int64_t dy, int64_t h, int64_t w, float *work) {
+    int64_t hw = h * w;
+    memcpy(work, img, (size_t)(3 * hw) * sizeof(float));
+    for (int64_t c = 0; c < 3; c++) {
+        for (int64_t y = 0; y < h; y++) {
+            int64_t sy = y - dy;
+            float *row = img + c * hw + y * w;
+            for (int64_t x = 0; x < w; x++) {
+                int64_t sx = x - dx;
+                int inside = sy >= 0 && sy < h && sx >= 0 && sx < w;
+                row[x] = inside ? work[c * hw + sy * w + sx] : 0.0f;
+            }
+        }
+    }
+}
+
+/* One RandAugment op slot: sample i gets op ops[i] (index into torchvision's 14 ops) with argument
+ * values[i]. With warp != 0, ShearX, ShearY and Rotate warp by matrices[i] (see warp_nearest; xs, ys:
+ * torchvision's grid bases) and TranslateX / TranslateY shift by trunc(values[i]) pixels; with warp == 0
+ * the caller has done the geometric ops. work: 3 * h * w floats. */
+void randaugment_slot(float *x, int64_t n, int64_t h, int64_t w, const int64_t *ops, const double *values,
+                      int64_t warp, const float *matrices, const float *xs, const float *ys, float *work) {
+    int64_t hw = h * w;
+    for (int64_t i = 0; i < n; i++) {
+        float *img = x + i * 3 * hw;
+        double v = values[i];
+        switch (ops[i]) {
+        case 1:
+        case 2:
+        case 5:
+            if (warp) warp_nearest(img, matrices + i * 6, xs, ys, h, w, work);
+            break;
+        case 3:
+            if (warp) translate(img, (int64_t)v, 0, h, w, work);
+            break;
+        case 4:
+            if (warp) translate(img, 0, (int64_t)v, h, w, work);
+            break;
+        case 6: brightness(img, 1.0 + v, hw); break;
+        case 7: saturation(img, 1.0 + v, hw, work); break;
+        case 8: contrast(img, 1.0 + v, hw, work); break;
+        case 9: sharpness(img, 1.0 + v, h, w, work); break;
+        case 10: posterize(img, v, hw); break;
+        case 11: solarize(img, v, hw); break;
+        case 12: autocontrast(img, hw); break;
+        case 13: equalize(img, hw); break;
+        default: break;
+        }
+    }
+}
+
+/* ColorJitter in each sample's order (order: (n, 4) op indices brightness, contrast, saturation, hue;
+ * factors: (n, 4); enabled: 4 flags), then, when scale is not NULL, Normalize: x * scale[c] - shift[c]
+ * (float32 scale = 1 / (255 std), shift = mean / std). work: h * w floats. */
+void color_jitter(float *x, int64_t n, int64_t hw, const int64_t *order, const double *factors,
+                  const uint8_t *enabled, const float *scale, const float *shift, float *work) {
+    for (int64_t i = 0; i < n; i++) {
+        float *img = x + i * 3 * hw;
+        for (int step = 0; step < 4; step++) {
+            int64_t op = order[i * 4 + step];
+            if (!enabled[op]) continue;
+            double f = factors[i * 4 + op];
+            if (op == 0) brightness(img, f, hw);
+            else if (op == 1) contrast(img, f, hw, work);
+            else if (op == 2) saturation(img, f, hw, work);
+            else hue(img, f, hw);
+        }
+        if (scale != NULL) {
+            for (int64_t c = 0; c < 3; c++) {
+                float *plane = img + c * hw;
+                float a = scale[c], b = shift[c];
+                for (int64_t k = 0; k < hw; k++) plane[k] = plane[k] * a - b;
+            }
+        }
+    }
+}
