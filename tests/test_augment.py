@@ -207,12 +207,13 @@ def test_pad_crop_matches_torchvision() -> None:
     assert diff_stats(ours, per_image(imgs, one))[0] == 0.0
 
 
+@pytest.mark.parametrize("per_box", [True, False])  # the CPU's slice per box, the GPU's indexed write
 @pytest.mark.parametrize("random_value", [True, False])
-def test_erasing_matches_torchvision_erase(random_value: bool) -> None:
+def test_erasing_matches_torchvision_erase(random_value: bool, per_box: bool) -> None:
     g = torch.Generator().manual_seed(7)
     x = torch.randn(40, 3, 16, 16, generator=g)
     params = mixing.sample_erasing(40, 16, 16, 0.5, (0.02, 0.33), (0.3, 3.3), random_value, g)
-    ours = mixing.erase(x, params, (1.0, -2.0, 3.0))
+    ours = mixing.erase_(x.clone(), params, (1.0, -2.0, 3.0), per_box=per_box)
     ref, used = [], 0
     for i in range(40):
         if not params.apply[i]:

@@ -120,15 +120,19 @@ def _box_indices(params: EraseParams, channels: int, height: int, width: int) ->
     return ((idx[owner] * channels + chan) * height + row) * width + col
 
 
-def erase_(x: Tensor, params: EraseParams, value: float | tuple[float, ...] = 0.0) -> Tensor:
+def erase_(
+    x: Tensor, params: EraseParams, value: float | tuple[float, ...] = 0.0, per_box: bool | None = None
+) -> Tensor:
     """In place: fill each chosen sample's box with its noise (``params.noise``) or with ``value``.
 
-    One indexed write over exactly the erased elements (their flat indices are built on the CPU).
+    On a GPU, one indexed write over exactly the erased elements (their flat indices are built on the CPU);
+    on a CPU, where that index arithmetic costs more than the copies, one slice assignment per box.
 
     Args:
         x: ``(N, C, H, W)`` float32 (normalized), contiguous; overwritten.
         params: draws from ``sample_erasing``.
         value: constant fill (scalar or one per channel) when ``params.noise`` is None.
+        per_box: force the per-box (True) or the indexed (False) write; None picks by device.
 
     Returns:
         ``x``.
@@ -136,6 +140,21 @@ def erase_(x: Tensor, params: EraseParams, value: float | tuple[float, ...] = 0.
     if not bool(params.apply.any()):
         return x
     _, c, h, w = x.shape
+    if per_box or (per_box is None and x.device.type == "cpu"):
+        fill = torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1).expand(c, 1, 1)
+        offset = 0
+        rows = torch.stack([params.top, params.left, params.height, params.width], dim=1)[params.apply]
+        for i, (top, left, bh, bw) in zip(
+            params.apply.nonzero().squeeze(1).tolist(), rows.tolist(), strict=True
+        ):
+            if params.noise is not None:
+                size = c * bh * bw
+                fill = params.noise[offset : offset + size].view(
+                    c, bh, bw
+                )  # (C, h, w) in torchvision's order
+                offset += size
+            x[i, :, top : top + bh, left : left + bw] = fill
+        return x
     flat = _box_indices(params, c, h, w)
     if params.noise is not None:
         fill = params.noise
