@@ -70,6 +70,7 @@ from tinyswin.data.augment_policy import (
     RandAugmentParams,
     color_jitter_,
     randaugment_,
+    randaugment_warps,
     sample_color_jitter,
     sample_randaugment,
 )
@@ -464,7 +465,12 @@ class Augment:
         kernels = self.kernels(images.device)
         out_hw = self.output_size(*_image_hw(images))
         crop = params.crop
-        if kernels is not None and cfg.crop == "rrc" and upsamples_exactly(crop, out_hw, cfg.interpolation):
+        native_crop = (
+            kernels is not None and cfg.crop == "rrc" and upsamples_exactly(crop, out_hw, cfg.interpolation)
+        )
+        if native_crop and (params.randaug is None or cfg.randaug_interpolation == "nearest"):
+            return self._augment_fused(kernels, images, params, out_hw, normalize)
+        if native_crop:
             ys, xs = crop_source_coords(crop, params.flip, out_hw)
             x = kernels.crop_bilinear(_channels_first(images), ys, xs)  # reads the uint8 batch directly
         else:
@@ -488,6 +494,26 @@ class Augment:
         if params.jitter is not None:
             x = color_jitter_(x, params.jitter)
         return self._normalize_(x) if normalize else x
+
+    def _augment_fused(
+        self,
+        kernels: NativeKernels,
+        images: Tensor,
+        params: AugmentParams,
+        out_hw: tuple[int, int],
+        normalize: bool,
+    ) -> Tensor:
+        """``augment_uint8`` as one native call: every sample cropped, RandAugmented, jittered and
+        normalized while it is in cache."""
+        ys, xs = crop_source_coords(params.crop, params.flip, out_hw)
+        randaug = jitter = None
+        if params.randaug is not None:
+            matrices, gxs, gys = randaugment_warps(params.randaug, *out_hw)
+            randaug = (params.randaug.ops, params.randaug.values, matrices, gxs, gys)
+        if params.jitter is not None:
+            jitter = (params.jitter.order, params.jitter.factors, params.jitter.enabled)
+        scales = self._normalization(torch.empty(0)) if normalize else None
+        return kernels.augment(_channels_first(images), ys, xs, randaug, jitter, scales)
 
     def _normalization(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(scale, shift)``: float32 ``(3,)`` tensors on ``x``'s device, ``scale = 1 / (255 std)``,

@@ -41,55 +41,49 @@ static inline float clamp01(float v) {
 
 /* ------------------------------------------------------------------------------------------- crop */
 
-/* Bilinear resized crop (upsampling only) with flip, from a uint8 batch to float32 whole numbers.
+/* Bilinear resized crop (upsampling only) with flip of one sample, from uint8 to float32 whole numbers.
  *
- * src: uint8 batch, element (i, c, y, x) at src[i*sn + c*sc + y*sh + x*sw] (either layout).
- * ys: (n, oh) source row of each output row, xs: (n, ow) source column of each output column: absolute,
+ * src: the sample's uint8 image, element (c, y, x) at src[c*sc + y*sh + x*sw] (either layout).
+ * sy: (oh) source row of each output row, sx: (ow) source column of each output column: absolute,
  *     already clamped to the crop and mirrored where flipped (float64).
- * out: (n, 3, oh, ow) float32. work_row: 3 * w floats; work_idx: 2 * ow int32; work_wt: 2 * ow floats.
+ * out: (3, oh, ow) float32. work_row: 3 * w floats; x0, x1: ow int32; lx, kx: ow floats.
  * Separable: for each output row, the two source rows are blended (all channels at once when they are
- * interleaved), then the columns. The caller uses this kernel only where every value is a dyadic rational that float32 holds
- * exactly (crops no larger than the output, output sides powers of two up to 64: weights k / 128,
- * products under 2^24), so the result, rounded half to even, is the same whole number as torchvision's
- * antialiased resize followed by round(), in any order of the two passes.
+ * interleaved), then the columns. The caller uses this kernel only where every value is a dyadic
+ * rational that float32 holds exactly (crops no larger than the output, output sides powers of two up to
+ * 64: weights k / 128, products under 2^24), so the result, rounded half to even, is the same whole
+ * number as torchvision's antialiased resize followed by round(), in any order of the two passes.
  */
-void crop_bilinear_u8(const uint8_t *src, int64_t n, int64_t h, int64_t w, int64_t sn, int64_t sc,
-                      int64_t sh, int64_t sw, const double *ys, const double *xs, int64_t oh, int64_t ow,
-                      float *out, float *work_row, int32_t *work_idx, float *work_wt) {
-    int32_t *restrict x0 = work_idx, *restrict x1 = work_idx + ow; /* int32: vector gathers */
-    float *restrict lx = work_wt, *restrict kx = work_wt + ow;
-    for (int64_t i = 0; i < n; i++) {
-        const double *sy = ys + i * oh, *sx = xs + i * ow;
-        for (int64_t x = 0; x < ow; x++) {
-            int32_t a = (int32_t)sx[x];
-            x0[x] = a;
-            x1[x] = a + 1 < w ? a + 1 : (int32_t)w - 1;
-            lx[x] = (float)(sx[x] - (double)a);
-            kx[x] = 1.0f - lx[x];
-        }
-        for (int64_t y = 0; y < oh; y++) {
-            int64_t r0 = (int64_t)sy[y];
-            int64_t r1 = r0 + 1 < h ? r0 + 1 : h - 1;
-            float ly = (float)(sy[y] - (double)r0), ky = 1.0f - ly;
-            if (sc == 1 && sw == 3) { /* channels last: both rows are 3 * w contiguous bytes */
-                const uint8_t *top = src + i * sn + r0 * sh, *bottom = src + i * sn + r1 * sh;
-                float *restrict row = work_row;
-                for (int64_t k = 0; k < 3 * w; k++) row[k] = ky * (float)top[k] + ly * (float)bottom[k];
-                for (int64_t c = 0; c < 3; c++) {
-                    float *restrict o = out + ((i * 3 + c) * oh + y) * ow;
-                    for (int64_t x = 0; x < ow; x++) {
-                        o[x] = round_even(kx[x] * row[3 * x0[x] + c] + lx[x] * row[3 * x1[x] + c]);
-                    }
+static void crop_one(const uint8_t *src, int64_t h, int64_t w, int64_t sc, int64_t sh, int64_t sw,
+                     const double *sy, const double *sx, int64_t oh, int64_t ow, float *out, float *work_row,
+                     int32_t *restrict x0, int32_t *restrict x1, float *restrict lx, float *restrict kx) {
+    for (int64_t x = 0; x < ow; x++) {
+        int32_t a = (int32_t)sx[x];
+        x0[x] = a;
+        x1[x] = a + 1 < w ? a + 1 : (int32_t)w - 1;
+        lx[x] = (float)(sx[x] - (double)a);
+        kx[x] = 1.0f - lx[x];
+    }
+    for (int64_t y = 0; y < oh; y++) {
+        int64_t r0 = (int64_t)sy[y];
+        int64_t r1 = r0 + 1 < h ? r0 + 1 : h - 1;
+        float ly = (float)(sy[y] - (double)r0), ky = 1.0f - ly;
+        float *restrict row = work_row;
+        if (sc == 1 && sw == 3) { /* channels last: both rows are 3 * w contiguous bytes */
+            const uint8_t *top = src + r0 * sh, *bottom = src + r1 * sh;
+            for (int64_t k = 0; k < 3 * w; k++) row[k] = ky * (float)top[k] + ly * (float)bottom[k];
+            for (int64_t c = 0; c < 3; c++) {
+                float *restrict o = out + (c * oh + y) * ow;
+                for (int64_t x = 0; x < ow; x++) {
+                    o[x] = round_even(kx[x] * row[3 * x0[x] + c] + lx[x] * row[3 * x1[x] + c]);
                 }
-                continue;
             }
-            for (int64_t c = 0; c < 3; c++) { /* any other strides: one channel at a time */
-                const uint8_t *top = src + i * sn + c * sc + r0 * sh, *bottom = src + i * sn + c * sc + r1 * sh;
-                float *restrict row = work_row;
-                for (int64_t x = 0; x < w; x++) row[x] = ky * (float)top[x * sw] + ly * (float)bottom[x * sw];
-                float *restrict o = out + ((i * 3 + c) * oh + y) * ow;
-                for (int64_t x = 0; x < ow; x++) o[x] = round_even(kx[x] * row[x0[x]] + lx[x] * row[x1[x]]);
-            }
+            continue;
+        }
+        for (int64_t c = 0; c < 3; c++) { /* any other strides: one channel at a time */
+            const uint8_t *top = src + c * sc + r0 * sh, *bottom = src + c * sc + r1 * sh;
+            for (int64_t x = 0; x < w; x++) row[x] = ky * (float)top[x * sw] + ly * (float)bottom[x * sw];
+            float *restrict o = out + (c * oh + y) * ow;
+            for (int64_t x = 0; x < ow; x++) o[x] = round_even(kx[x] * row[x0[x]] + lx[x] * row[x1[x]]);
         }
     }
 }
@@ -253,26 +247,34 @@ static void hue(float *img, double factor, int64_t hw) {
 
 /* Nearest-neighbour affine warp with zero fill, as torch's CPU grid_sample (align_corners=False) on
  * torchvision's grid: g = (xs[j] * m[0] + m[4]) + ys[i] * m[2] for x (m[1], m[5], m[3] for y), where m is
- * the (3, 2) matrix theta^T / (w / 2, h / 2); source index round_half_even((g + 1) * size / 2 - 0.5). */
+ * the (3, 2) matrix theta^T / (w / 2, h / 2); source index round_half_even((g + 1) * size / 2 - 0.5).
+ * work: 3 * h * w floats for the source, plus 2 * w ints. */
 static void warp_nearest(float *img, const float *m, const float *xs, const float *ys, int64_t h, int64_t w,
                          float *work) {
     int64_t hw = h * w;
-    memcpy(work, img, (size_t)(3 * hw) * sizeof(float));
+    float *source = work;
+    int32_t *restrict idx = (int32_t *)(work + 3 * hw), *restrict inside = idx + w;
+    memcpy(source, img, (size_t)(3 * hw) * sizeof(float));
     float half_w = (float)w / 2.0f, half_h = (float)h / 2.0f;
     for (int64_t i = 0; i < h; i++) {
-        for (int64_t j = 0; j < w; j++) {
+        for (int64_t j = 0; j < w; j++) { /* source pixel of each output pixel of the row */
             float gx = (xs[j] * m[0] + m[4]) + ys[i] * m[2];
             float gy = (xs[j] * m[1] + m[5]) + ys[i] * m[3];
             float ix = round_even((gx + 1.0f) * half_w - 0.5f);
             float iy = round_even((gy + 1.0f) * half_h - 0.5f);
-            int inside = ix > -1.0f && ix < (float)w && iy > -1.0f && iy < (float)h;
-            int64_t src = inside ? (int64_t)iy * w + (int64_t)ix : 0;
-            for (int64_t c = 0; c < 3; c++) img[c * hw + i * w + j] = inside ? work[c * hw + src] : 0.0f;
+            int ok = ix > -1.0f && ix < (float)w && iy > -1.0f && iy < (float)h;
+            inside[j] = ok;
+            idx[j] = ok ? (int32_t)iy * (int32_t)w + (int32_t)ix : 0;
+        }
+        for (int64_t c = 0; c < 3; c++) {
+            const float *plane = source + c * hw;
+            float *restrict o = img + c * hw + i * w;
+            for (int64_t j = 0; j < w; j++) o[j] = inside[j] ? plane[idx[j]] : 0.0f;
         }
     }
 }
 
-/* shift by whole pixels with zero fill: out[y, x] = in[y - dy, x - dx] */
+/* shift by whole pixels with zero fill: out[y, x] = in[y - dy, x - dx]. work: 3 * h * w floats. */
 static void translate(float *img, int64_t dx, int64_t dy, int64_t h, int64_t w, float *work) {
     int64_t hw = h * w;
     memcpy(work, img, (size_t)(3 * hw) * sizeof(float));
@@ -289,63 +291,97 @@ static void translate(float *img, int64_t dx, int64_t dy, int64_t h, int64_t w, 
     }
 }
 
-/* One RandAugment op slot: sample i gets op ops[i] (index into torchvision's 14 ops) with argument
- * values[i]. With warp != 0, ShearX, ShearY and Rotate warp by matrices[i] (see warp_nearest; xs, ys:
- * torchvision's grid bases) and TranslateX / TranslateY shift by trunc(values[i]) pixels; with warp == 0
- * the caller has done the geometric ops. work: 3 * h * w floats. */
-void randaugment_slot(float *x, int64_t n, int64_t h, int64_t w, const int64_t *ops, const double *values,
-                      int64_t warp, const float *matrices, const float *xs, const float *ys, float *work) {
+/* One RandAugment op (index into torchvision's 14 ops) with argument v on one image. With warp != 0,
+ * ShearX, ShearY and Rotate warp by matrix (see warp_nearest; xs, ys: torchvision's grid bases) and
+ * TranslateX / TranslateY shift by trunc(v) pixels; with warp == 0 the caller does the geometric ops. */
+static void randaugment_one(float *img, int64_t h, int64_t w, int64_t op, double v, int64_t warp,
+                            const float *matrix, const float *xs, const float *ys, float *work) {
     int64_t hw = h * w;
-    for (int64_t i = 0; i < n; i++) {
-        float *img = x + i * 3 * hw;
-        double v = values[i];
-        switch (ops[i]) {
-        case 1:
-        case 2:
-        case 5:
-            if (warp) warp_nearest(img, matrices + i * 6, xs, ys, h, w, work);
-            break;
-        case 3:
-            if (warp) translate(img, (int64_t)v, 0, h, w, work);
-            break;
-        case 4:
-            if (warp) translate(img, 0, (int64_t)v, h, w, work);
-            break;
-        case 6: brightness(img, 1.0 + v, hw); break;
-        case 7: saturation(img, 1.0 + v, hw, work); break;
-        case 8: contrast(img, 1.0 + v, hw, work); break;
-        case 9: sharpness(img, 1.0 + v, h, w, work); break;
-        case 10: posterize(img, v, hw); break;
-        case 11: solarize(img, v, hw); break;
-        case 12: autocontrast(img, hw); break;
-        case 13: equalize(img, hw); break;
-        default: break;
-        }
+    switch (op) {
+    case 1:
+    case 2:
+    case 5:
+        if (warp) warp_nearest(img, matrix, xs, ys, h, w, work);
+        break;
+    case 3:
+        if (warp) translate(img, (int64_t)v, 0, h, w, work);
+        break;
+    case 4:
+        if (warp) translate(img, 0, (int64_t)v, h, w, work);
+        break;
+    case 6: brightness(img, 1.0 + v, hw); break;
+    case 7: saturation(img, 1.0 + v, hw, work); break;
+    case 8: contrast(img, 1.0 + v, hw, work); break;
+    case 9: sharpness(img, 1.0 + v, h, w, work); break;
+    case 10: posterize(img, v, hw); break;
+    case 11: solarize(img, v, hw); break;
+    case 12: autocontrast(img, hw); break;
+    case 13: equalize(img, hw); break;
+    default: break;
     }
 }
 
-/* ColorJitter in each sample's order (order: (n, 4) op indices brightness, contrast, saturation, hue;
- * factors: (n, 4); enabled: 4 flags), then, when scale is not NULL, Normalize: x * scale[c] - shift[c]
- * (float32 scale = 1 / (255 std), shift = mean / std). work: h * w floats. */
+/* ColorJitter of one image in its order (order: 4 op indices brightness, contrast, saturation, hue;
+ * factors: 4, hue shift last; enabled: 4 flags; order NULL: no jitter), then, when scale is not NULL,
+ * Normalize: x * scale[c] - shift[c] (float32 scale = 1 / (255 std), shift = mean / std). */
+static void color_jitter_one(float *img, int64_t hw, const int64_t *order, const double *factors,
+                             const uint8_t *enabled, const float *scale, const float *shift, float *work) {
+    for (int step = 0; order != NULL && step < 4; step++) {
+        int64_t op = order[step];
+        if (!enabled[op]) continue;
+        double f = factors[op];
+        if (op == 0) brightness(img, f, hw);
+        else if (op == 1) contrast(img, f, hw, work);
+        else if (op == 2) saturation(img, f, hw, work);
+        else hue(img, f, hw);
+    }
+    if (scale == NULL) return;
+    for (int64_t c = 0; c < 3; c++) {
+        float *restrict plane = img + c * hw;
+        float a = scale[c], b = shift[c];
+        for (int64_t k = 0; k < hw; k++) plane[k] = plane[k] * a - b;
+    }
+}
+
+/* Work buffer sizes, in floats, for an (h, w) image (and a source width w_in for the crop). */
+int64_t work_floats(int64_t h, int64_t w, int64_t w_in) { return 3 * h * w + 2 * w + 3 * w_in + 4 * w; }
+
+/* One RandAugment op slot: sample i of x (n, 3, h, w) gets ops[i] with values[i] (matrices: (n, 3, 2)). */
+void randaugment_slot(float *x, int64_t n, int64_t h, int64_t w, const int64_t *ops, const double *values,
+                      int64_t warp, const float *matrices, const float *xs, const float *ys, float *work) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *matrix = matrices == NULL ? NULL : matrices + i * 6;
+        randaugment_one(x + i * 3 * h * w, h, w, ops[i], values[i], warp, matrix, xs, ys, work);
+    }
+}
+
+/* ColorJitter (order, factors: (n, 4)) and optional Normalize of every sample of x (n, 3, h, w). */
 void color_jitter(float *x, int64_t n, int64_t hw, const int64_t *order, const double *factors,
                   const uint8_t *enabled, const float *scale, const float *shift, float *work) {
     for (int64_t i = 0; i < n; i++) {
-        float *img = x + i * 3 * hw;
-        for (int step = 0; step < 4; step++) {
-            int64_t op = order[i * 4 + step];
-            if (!enabled[op]) continue;
-            double f = factors[i * 4 + op];
-            if (op == 0) brightness(img, f, hw);
-            else if (op == 1) contrast(img, f, hw, work);
-            else if (op == 2) saturation(img, f, hw, work);
-            else hue(img, f, hw);
+        color_jitter_one(x + i * 3 * hw, hw, order + i * 4, factors + i * 4, enabled, scale, shift, work);
+    }
+}
+
+/* The whole per-sample pipeline, one sample at a time while it is in cache: crop (crop_one; src, ys, xs
+ * for the whole batch, sample i at src + i * sn) into out (n, 3, oh, ow), then `slots` RandAugment ops per sample (ops, values: (n, slots); matrices:
+ * (n, slots, 3, 2); gxs (ow), gys (oh): grid bases), then ColorJitter (order NULL: none) and Normalize
+ * (scale NULL: none). */
+void augment_fused(const uint8_t *src, int64_t n, int64_t h, int64_t w, int64_t sn, int64_t sc, int64_t sh,
+                   int64_t sw, const double *ys, const double *xs, int64_t oh, int64_t ow, int64_t slots,
+                   const int64_t *ops, const double *values, const float *matrices, const float *gxs,
+                   const float *gys, const int64_t *order, const double *factors, const uint8_t *enabled,
+                   const float *scale, const float *shift, float *out, float *work) {
+    float *pixels = work, *row = work + 3 * oh * ow + 2 * ow, *lx = row + 3 * w, *kx = lx + ow;
+    int32_t *x0 = (int32_t *)(kx + ow), *x1 = x0 + ow;
+    for (int64_t i = 0; i < n; i++) {
+        float *img = out + i * 3 * oh * ow;
+        crop_one(src + i * sn, h, w, sc, sh, sw, ys + i * oh, xs + i * ow, oh, ow, img, row, x0, x1, lx, kx);
+        for (int64_t k = 0; k < slots; k++) {
+            int64_t j = i * slots + k;
+            randaugment_one(img, oh, ow, ops[j], values[j], 1, matrices + j * 6, gxs, gys, pixels);
         }
-        if (scale != NULL) {
-            for (int64_t c = 0; c < 3; c++) {
-                float *plane = img + c * hw;
-                float a = scale[c], b = shift[c];
-                for (int64_t k = 0; k < hw; k++) plane[k] = plane[k] * a - b;
-            }
-        }
+        color_jitter_one(img, oh * ow, order == NULL ? NULL : order + i * 4,
+                         factors == NULL ? NULL : factors + i * 4, enabled, scale, shift, pixels);
     }
 }

@@ -81,12 +81,19 @@ class NativeKernels:
     def __init__(self, path: Path) -> None:
         self.path = path
         lib = ctypes.CDLL(str(path))
-        lib.crop_bilinear_u8.argtypes = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P]
+        lib.work_floats.argtypes = [_I, _I, _I]
+        lib.work_floats.restype = _I
         lib.randaugment_slot.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _P, _P, _P]
         lib.color_jitter.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
-        for fn in (lib.crop_bilinear_u8, lib.randaugment_slot, lib.color_jitter):
+        lib.augment_fused.argtypes = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P]
+        lib.augment_fused.argtypes += [_P, _P, _P, _P, _P, _P, _P]
+        for fn in (lib.randaugment_slot, lib.color_jitter, lib.augment_fused):
             fn.restype = None
         self._lib = lib
+
+    def _work(self, h: int, w: int, w_in: int = 0) -> Tensor:
+        """Scratch memory for one sample of size (h, w) (source width ``w_in`` for the crop)."""
+        return torch.empty(int(self._lib.work_floats(h, w, w_in)), dtype=torch.float32)
 
     def __repr__(self) -> str:
         return f"NativeKernels({self.path})"
@@ -110,24 +117,7 @@ class NativeKernels:
         Returns:
             ``(N, 3, oh, ow)`` float32 whole numbers.
         """
-        n, c, h, w = images.shape
-        if images.dtype != torch.uint8 or images.device.type != "cpu" or c != 3:
-            raise ValueError(f"crop_bilinear needs a uint8 CPU (N, 3, H, W) batch, got {images.dtype}")
-        ys = ys.to(torch.float64).contiguous()
-        xs = xs.to(torch.float64).contiguous()
-        if ys.shape[0] != n or xs.shape[0] != n:
-            raise ValueError(f"crop_bilinear: {n} images but coordinates for {ys.shape[0]}, {xs.shape[0]}")
-        oh, ow = int(ys.shape[1]), int(xs.shape[1])
-        out = torch.empty(n, 3, oh, ow, dtype=torch.float32)
-        work_row = torch.empty(3 * w, dtype=torch.float32)
-        work_idx = torch.empty(2 * ow, dtype=torch.int32)
-        work_wt = torch.empty(2 * ow, dtype=torch.float32)
-        sn, sc, sh, sw = images.stride()
-        self._lib.crop_bilinear_u8(
-            images.data_ptr(), n, h, w, sn, sc, sh, sw, ys.data_ptr(), xs.data_ptr(), oh, ow,
-            out.data_ptr(), work_row.data_ptr(), work_idx.data_ptr(), work_wt.data_ptr(),
-        )  # fmt: skip
-        return out
+        return self.augment(images, ys, xs, None, None, None)
 
     def randaugment_slot_(
         self,
@@ -159,7 +149,7 @@ class NativeKernels:
             matrices, xs, ys = (t.to(torch.float32).contiguous() for t in warps)
             if matrices.shape != (n, 3, 2) or xs.shape != (w,) or ys.shape != (h,):
                 raise ValueError("randaugment_slot_: warps must be (N, 3, 2) matrices, (W,) and (H,) bases")
-        work = torch.empty(3 * h * w, dtype=torch.float32)
+        work = self._work(h, w)
         self._lib.randaugment_slot(
             x.data_ptr(), n, h, w, ops.data_ptr(), values.data_ptr(), int(warps is not None),
             *(None if t is None else t.data_ptr() for t in (matrices, xs, ys)), work.data_ptr(),
@@ -195,13 +185,73 @@ class NativeKernels:
         scale = shift = None
         if normalize is not None:
             scale, shift = (t.to(torch.float32).contiguous() for t in normalize)
-        work = torch.empty(h * w, dtype=torch.float32)
+        work = self._work(h, w)
         self._lib.color_jitter(
             x.data_ptr(), n, h * w, order.data_ptr(), factors.data_ptr(), flags.data_ptr(),
             None if scale is None else scale.data_ptr(), None if shift is None else shift.data_ptr(),
             work.data_ptr(),
         )  # fmt: skip
         return x
+
+    def augment(
+        self,
+        images: Tensor,
+        ys: Tensor,
+        xs: Tensor,
+        randaug: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None,
+        jitter: tuple[Tensor, Tensor, tuple[bool, bool, bool, bool]] | None,
+        normalize: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        """Crop, RandAugment, ColorJitter and Normalize, one sample at a time while it is in cache.
+
+        Args:
+            images: uint8 ``(N, 3, H, W)`` CPU tensor, any strides.
+            ys, xs: crop source coordinates, as ``crop_bilinear``.
+            randaug: ``(ops, values, matrices, grid_xs, grid_ys)``: ``(N, S)`` int64 ops, ``(N, S)``
+                float64 values, ``(N, S, 3, 2)`` float32 warp matrices, ``(ow,)`` and ``(oh,)`` grid bases
+                (see ``randaugment_slot_``); None for no RandAugment.
+            jitter: ``(order, factors, enabled)`` as ``color_jitter_``; None for no ColorJitter.
+            normalize: ``(scale, shift)`` float32 ``(3,)``, or None.
+
+        Returns:
+            ``(N, 3, oh, ow)`` float32.
+        """
+        n, c, h, w = images.shape
+        if images.dtype != torch.uint8 or images.device.type != "cpu" or c != 3:
+            raise ValueError(
+                f"augment needs a uint8 CPU (N, 3, H, W) batch, got {images.dtype} {images.shape}"
+            )
+        ys, xs = ys.to(torch.float64).contiguous(), xs.to(torch.float64).contiguous()
+        oh, ow = int(ys.shape[1]), int(xs.shape[1])
+        if ys.shape[0] != n or xs.shape[0] != n:
+            raise ValueError(f"augment: {n} images but crop coordinates for {ys.shape[0]}, {xs.shape[0]}")
+        keep = []  # contiguous arguments, alive until the call returns
+
+        def ptr(t: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
+            if t is None:
+                return None
+            t = t.to(dtype).contiguous()
+            if tuple(t.shape) != shape:
+                raise ValueError(f"augment: expected an argument of shape {shape}, got {tuple(t.shape)}")
+            keep.append(t)
+            return t.data_ptr()
+
+        slots = 0 if randaug is None else int(randaug[0].shape[1])
+        ops, values, matrices, gxs, gys = randaug if randaug is not None else (None,) * 5
+        order, factors, enabled = jitter if jitter is not None else (None, None, (False,) * 4)
+        scale, shift = normalize if normalize is not None else (None, None)
+        out = torch.empty(n, 3, oh, ow, dtype=torch.float32)
+        work = self._work(oh, ow, w)
+        sn, sc, sh, sw = images.stride()
+        self._lib.augment_fused(
+            images.data_ptr(), n, h, w, sn, sc, sh, sw, ys.data_ptr(), xs.data_ptr(), oh, ow, slots,
+            ptr(ops, torch.int64, (n, slots)), ptr(values, torch.float64, (n, slots)),
+            ptr(matrices, torch.float32, (n, slots, 3, 2)), ptr(gxs, torch.float32, (ow,)),
+            ptr(gys, torch.float32, (oh,)), ptr(order, torch.int64, (n, 4)),
+            ptr(factors, torch.float64, (n, 4)), ptr(torch.tensor(enabled), torch.uint8, (4,)),
+            ptr(scale, torch.float32, (3,)), ptr(shift, torch.float32, (3,)), out.data_ptr(), work.data_ptr(),
+        )  # fmt: skip
+        return out
 
 
 @cache

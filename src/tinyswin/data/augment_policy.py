@@ -29,6 +29,7 @@ __all__ = [
     "color_jitter_",
     "randaugment_",
     "randaugment_values",
+    "randaugment_warps",
     "sample_color_jitter",
     "sample_randaugment",
 ]
@@ -212,6 +213,28 @@ def _groups(column: Tensor, count: int) -> Iterator[tuple[int, Tensor]]:
         start += c
 
 
+def randaugment_warps(params: RandAugmentParams, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The warps of the native kernels: torchvision's affine grid factors for every ShearX, ShearY and Rotate.
+
+    Args:
+        params: RandAugment draws for N samples and S op slots.
+        height, width: image size.
+
+    Returns:
+        ``(matrices, xs, ys)``: float32 ``(N, S, 3, 2)`` rescaled inverse matrices (zeros for other ops) and
+        the ``(W,)``, ``(H,)`` grid bases (see ``augment_geometry.affine_grid_parts``).
+    """
+    n, slots = params.ops.shape
+    warped = torch.tensor([name in ("ShearX", "ShearY", "Rotate") for name in RANDAUGMENT_OPS])
+    flat_ops, flat_values = params.ops.reshape(-1), params.values.reshape(-1)
+    idx = warped[flat_ops].nonzero().squeeze(1)
+    names = [RANDAUGMENT_OPS[k] for k in flat_ops[idx].tolist()]
+    theta = randaugment_affine(names, flat_values[idx], height, width)  # (M, 2, 3)
+    rescaled, xs, ys = affine_grid_parts(theta, height, width)
+    matrices = torch.zeros(n * slots, 3, 2).index_copy_(0, idx, rescaled)
+    return matrices.view(n, slots, 3, 2), xs, ys
+
+
 def randaugment_(
     x: Tensor,
     params: RandAugmentParams,
@@ -234,19 +257,17 @@ def randaugment_(
         ``x``.
     """
     native = kernels is not None and x.device.type == "cpu"
-    n, _, height, width = x.shape
+    height, width = x.shape[-2:]
     warped = torch.tensor([name in ("ShearX", "ShearY", "Rotate") for name in RANDAUGMENT_OPS])
     shift_x = torch.tensor([name == "TranslateX" for name in RANDAUGMENT_OPS])
     shift_y = torch.tensor([name == "TranslateY" for name in RANDAUGMENT_OPS])
+    if native and interpolation == "nearest":
+        matrices, xs, ys = randaugment_warps(params, height, width)
     for slot in range(params.ops.shape[1]):
         column, values = params.ops[:, slot], params.values[:, slot]
         idx = warped[column].nonzero().squeeze(1)
         if native and interpolation == "nearest":  # the whole slot, warps included, in one call
-            names = [RANDAUGMENT_OPS[k] for k in column[idx].tolist()]
-            theta = randaugment_affine(names, values[idx], height, width)  # (M, 2, 3)
-            rescaled, xs, ys = affine_grid_parts(theta, height, width)
-            matrices = torch.zeros(n, 3, 2).index_copy_(0, idx, rescaled)  # (N, 3, 2)
-            kernels.randaugment_slot_(x, column, values, (matrices, xs, ys))
+            kernels.randaugment_slot_(x, column, values, (matrices[:, slot], xs, ys))
             continue
         if idx.numel():
             names = [RANDAUGMENT_OPS[k] for k in column[idx].tolist()]
