@@ -192,3 +192,33 @@ def test_build_is_cached_and_atomic_and_a_missing_compiler_falls_back(tmp_path, 
         imgs, torch.arange(4), torch.Generator().manual_seed(0)
     )
     assert torch.equal(x, eager)
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_mix_kernel_equals_the_eager_mix_for_any_partner_permutation(kernels, mode) -> None:
+    from tinyswin.data import augment_mix as mixing
+
+    g = torch.Generator().manual_seed(mode)
+    x = torch.randn(12, 3, 16, 16, generator=g)
+    labels = torch.arange(12) % 5
+    for partner in (
+        torch.randperm(12, generator=g),
+        torch.arange(12),
+        torch.tensor([1, 0, 3, 4, 2, *range(5, 12)]),
+    ):
+        params = mixing.sample_mix(12, 16, 16, float(mode == 1), 0.4, 1.0, 0.8, g)
+        assert int(params.mode[0]) == mode
+        params.partner = partner
+        ours, t1 = mixing.mix_(x.clone(), labels, params, 5, 0.1, kernels)
+        eager, t2 = mixing.mix_(x.clone(), labels, params, 5, 0.1)
+        assert torch.equal(ours, eager) and torch.equal(t1, t2)
+        lam = float(params.lam[0])
+        if mode == 1:  # the notebook's expression, in float32
+            assert torch.equal(ours, x * lam + x[partner] * (1.0 - lam))
+        else:
+            y1, y2, x1, x2 = params.box[0].tolist()
+            expected = x.clone()
+            expected[:, :, y1:y2, x1:x2] = x[partner][:, :, y1:y2, x1:x2]
+            assert torch.equal(ours, expected) and (y2 - y1) * (x2 - x1) > 0
+    with pytest.raises(ValueError, match="permutation"):
+        kernels.mix_batch_(x.clone(), torch.zeros(12, dtype=torch.int64), 1, 0.5, (0, 0, 0, 0))

@@ -547,7 +547,8 @@ class Augment:
             x = erase_(x, params.erase, 0.0 if isinstance(value, str) else value)
         labels = labels.to(device=x.device, dtype=torch.int64)
         if params.mix is not None and params.mix.any:
-            return mix_(x, labels, params.mix, self.num_classes, self.config.mix_label_smoothing)
+            kernels = self.kernels(x.device)
+            return mix_(x, labels, params.mix, self.num_classes, self.config.mix_label_smoothing, kernels)
         return x, labels
 
     def __call__(

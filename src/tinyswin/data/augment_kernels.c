@@ -385,3 +385,36 @@ void augment_fused(const uint8_t *src, int64_t n, int64_t h, int64_t w, int64_t 
                          factors == NULL ? NULL : factors + i * 4, enabled, scale, shift, pixels);
     }
 }
+
+/* Per-batch Mixup (mode 1: x[i] = keep * x[i] + other * x[partner[i]]) or CutMix (mode 2: the box rows
+ * y1..y2, columns x1..x2 of x[partner[i]] pasted into x[i]) of x (n, c, h, w), in place. The partner
+ * permutation is walked cycle by cycle, so only the first image of each cycle needs a copy (work: c*h*w
+ * floats, plus n bytes of flags). */
+void mix_batch(float *x, int64_t n, int64_t c, int64_t h, int64_t w, const int64_t *partner, int64_t mode,
+               float keep, float other, int64_t y1, int64_t y2, int64_t x1, int64_t x2, float *work,
+               uint8_t *done) {
+    int64_t size = c * h * w;
+    memset(done, 0, (size_t)n);
+    for (int64_t start = 0; start < n; start++) {
+        if (done[start]) continue;
+        memcpy(work, x + start * size, (size_t)size * sizeof(float));
+        int64_t i = start;
+        while (!done[i]) {
+            int64_t j = partner[i];
+            float *restrict dst = x + i * size;
+            const float *restrict src = j == start ? work : x + j * size; /* x[start] is overwritten */
+            if (mode == 1) {
+                for (int64_t k = 0; k < size; k++) dst[k] = keep * dst[k] + other * src[k];
+            } else {
+                for (int64_t ch = 0; ch < c; ch++) {
+                    for (int64_t y = y1; y < y2; y++) {
+                        int64_t off = (ch * h + y) * w;
+                        memcpy(dst + off + x1, src + off + x1, (size_t)(x2 - x1) * sizeof(float));
+                    }
+                }
+            }
+            done[i] = 1;
+            i = j;
+        }
+    }
+}

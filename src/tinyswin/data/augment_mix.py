@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinyswin.data.augment_native import NativeKernels
+
 __all__ = [
     "EraseParams",
     "MixParams",
@@ -285,16 +287,24 @@ def soft_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> Te
 
 
 def mix_(
-    x: Tensor, labels: Tensor, params: MixParams, num_classes: int, smoothing: float = 0.0
+    x: Tensor,
+    labels: Tensor,
+    params: MixParams,
+    num_classes: int,
+    smoothing: float = 0.0,
+    kernels: NativeKernels | None = None,
 ) -> tuple[Tensor, Tensor]:
     """In place: blend in (Mixup) or paste a box of (CutMix) each sample's partner; mix the targets alike.
 
+    Per-batch Mixup is ``float32(lam) * x + float32(1 - lam) * x[partner]`` (the notebook's expression).
+
     Args:
-        x: ``(N, C, H, W)`` float32; overwritten.
+        x: ``(N, C, H, W)`` float32, contiguous; overwritten.
         labels: ``(N,)`` int64 on ``x``'s device.
         params: draws from ``sample_mix``.
         num_classes: K.
         smoothing: label smoothing folded into the soft targets.
+        kernels: native CPU kernels: per-batch mixing of a CPU batch in place, without a copy of the batch.
 
     Returns:
         ``(x, targets)``: ``x`` and ``(N, K)`` float32 soft targets summing to 1.
@@ -306,8 +316,12 @@ def mix_(
     lam = params.lam.to(device=dev, dtype=torch.float32).unsqueeze(1)  # (N, 1)
     targets = targets * lam + targets.index_select(0, partner) * (1.0 - lam)
     mode = int(params.mode[0])
-    if not params.per_sample and mode == MIX_MIXUP:
-        x.lerp_(x.index_select(0, partner), 1.0 - float(params.lam[0]))
+    if not params.per_sample and mode != MIX_NONE and kernels is not None and x.device.type == "cpu":
+        kernels.mix_batch_(x, params.partner, mode, float(params.lam[0]), tuple(params.box[0].tolist()))
+    elif not params.per_sample and mode == MIX_MIXUP:
+        lam = float(params.lam[0])
+        other = x.index_select(0, partner).mul_(1.0 - lam)  # before x changes
+        x.mul_(lam).add_(other)
     elif not params.per_sample and mode == MIX_CUTMIX:
         y1, y2, x1, x2 = params.box[0].tolist()
         x[:, :, y1:y2, x1:x2] = x[:, :, y1:y2, x1:x2].index_select(0, partner)

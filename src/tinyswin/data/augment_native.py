@@ -87,7 +87,24 @@ class NativeKernels:
         lib.color_jitter.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
         lib.augment_fused.argtypes = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P]
         lib.augment_fused.argtypes += [_P, _P, _P, _P, _P, _P, _P]
-        for fn in (lib.randaugment_slot, lib.color_jitter, lib.augment_fused):
+        lib.mix_batch.argtypes = [
+            _P,
+            _I,
+            _I,
+            _I,
+            _I,
+            _P,
+            _I,
+            ctypes.c_float,
+            ctypes.c_float,
+            _I,
+            _I,
+            _I,
+            _I,
+            _P,
+            _P,
+        ]
+        for fn in (lib.randaugment_slot, lib.color_jitter, lib.augment_fused, lib.mix_batch):
             fn.restype = None
         self._lib = lib
 
@@ -252,6 +269,37 @@ class NativeKernels:
             ptr(scale, torch.float32, (3,)), ptr(shift, torch.float32, (3,)), out.data_ptr(), work.data_ptr(),
         )  # fmt: skip
         return out
+
+    def mix_batch_(self, x: Tensor, partner: Tensor, mode: int, lam: float, box: tuple[int, ...]) -> Tensor:
+        """In place: per-batch Mixup (``mode`` 1) or CutMix (``mode`` 2) with a partner permutation.
+
+        Mixup: ``x[i] = float32(lam) * x[i] + float32(1 - lam) * x[partner[i]]``; CutMix: the box
+        ``(y1, y2, x1, x2)`` of ``x[partner[i]]`` pasted into ``x[i]``. Same results as ``augment_mix.mix_``.
+
+        Args:
+            x: ``(N, C, H, W)`` contiguous float32 CPU batch; overwritten.
+            partner: ``(N,)`` int64 permutation.
+            mode: 1 (Mixup) or 2 (CutMix).
+            lam: Mixup weight of the sample's own image.
+            box: CutMix ``(y1, y2, x1, x2)``.
+
+        Returns:
+            ``x``.
+        """
+        if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or x.ndim != 4:
+            raise ValueError(f"mix_batch_ needs a contiguous float32 CPU (N, C, H, W) batch, got {x.shape}")
+        n, c, h, w = x.shape
+        partner = partner.to(torch.int64).contiguous()
+        if partner.shape != (n,) or not torch.equal(partner.sort().values, torch.arange(n)):
+            raise ValueError(f"mix_batch_: partner must be a permutation of {n} samples")
+        work = torch.empty(c * h * w, dtype=torch.float32)
+        done = torch.empty(n, dtype=torch.uint8)
+        y1, y2, x1, x2 = (int(v) for v in box)
+        self._lib.mix_batch(
+            x.data_ptr(), n, c, h, w, partner.data_ptr(), int(mode), float(lam), float(1.0 - lam),
+            y1, y2, x1, x2, work.data_ptr(), done.data_ptr(),
+        )  # fmt: skip
+        return x
 
 
 @cache

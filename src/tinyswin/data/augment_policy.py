@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -112,6 +113,13 @@ def randaugment_values(op: str, magnitude: Tensor, num_bins: int, height: int, w
     return table[lo] + frac * (table[hi] - table[lo])
 
 
+@lru_cache(maxsize=16)
+def _value_table(num_bins: int, height: int, width: int) -> Tensor:
+    """``(14, num_bins)`` float64 unsigned op arguments of every whole bin (read-only, built once)."""
+    bins = torch.arange(num_bins, dtype=torch.float64)
+    return torch.stack([randaugment_values(name, bins, num_bins, height, width) for name in RANDAUGMENT_OPS])
+
+
 def sample_randaugment(
     n: int,
     num_ops: int,
@@ -149,8 +157,7 @@ def sample_randaugment(
     elif magnitude_std > 0:
         mags = mags + magnitude_std * torch.randn(n, num_ops, generator=generator, dtype=torch.float64)
     mags = mags.clamp(0.0, num_bins - 1)
-    bins = torch.arange(num_bins, dtype=torch.float64)
-    table = torch.stack([randaugment_values(name, bins, num_bins, height, width) for name in RANDAUGMENT_OPS])
+    table = _value_table(num_bins, height, width)  # (14, num_bins)
     lo = mags.floor().to(torch.int64)  # (n, num_ops)
     hi = (lo + 1).clamp(max=num_bins - 1)
     start = table[op_idx, lo]
