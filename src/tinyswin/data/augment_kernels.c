@@ -16,8 +16,13 @@
 #include <stdint.h>
 #include <string.h>
 
-/* truncation of a value >= 0 (the uint8 cast of a clamped value); a vector instruction with SSE4.1 */
+/* truncation of a value >= 0 (the uint8 cast of a clamped value): floorf is one vector instruction with
+ * SSE4.1 (or on ARM) but a library call without it, where the int conversion vectorizes instead */
+#if defined(__SSE4_1__) || defined(__aarch64__) || defined(__ARM_NEON)
 static inline float trunc_pos(float v) { return floorf(v); }
+#else
+static inline float trunc_pos(float v) { return (float)(int32_t)v; }
+#endif
 
 /* round half to even of 0 <= v < 2^22 (torch.round); exact with -ffp-contract=off, no fast-math */
 static inline float round_even(float v) {
@@ -224,7 +229,7 @@ static void hue(float *img, double factor, int64_t hw) {
         hh = hh + shift;                     /* remainder(h, 1) for h in [-1, 2) */
         hh = sel(hh < 0.0f, hh + 1.0f, sel(hh >= 1.0f, hh - 1.0f, hh));
         float h6 = hh * 6.0f;
-        float sector = floorf(h6);
+        float sector = trunc_pos(h6);
         float fr = h6 - sector;
         sector = sel(sector >= 6.0f, sector - 6.0f, sector); /* i % 6 */
         float v = maxc;
@@ -237,9 +242,9 @@ static void hue(float *img, double factor, int64_t hw) {
         float ro = sel(s0 | s5, v, sel(s1, q, sel(s4, t, p)));
         float go = sel(s1 | s2, v, sel(s0, t, sel(s3, q, p)));
         float bo = sel(s3 | s4, v, sel(s2, t, sel(s5, q, p)));
-        red[k] = floorf(ro * 255.999f);
-        green[k] = floorf(go * 255.999f);
-        blue[k] = floorf(bo * 255.999f);
+        red[k] = trunc_pos(ro * 255.999f);
+        green[k] = trunc_pos(go * 255.999f);
+        blue[k] = trunc_pos(bo * 255.999f);
     }
 }
 
