@@ -30,18 +30,31 @@ static inline float round_even(float v) {
     return (v + magic) - magic;
 }
 
-/* clamps written as two selections, which compilers turn into vector max and min */
-/* c ? a : b, in a form compilers turn into vector blends */
-static inline float sel(int c, float a, float b) { return c ? a : b; }
+/* clamps as two selections */
+/* c ? a : b for c in {0, 1}, as bit operations: straight-line code that every compiler vectorizes (a
+ * conditional expression needs if-conversion, which some compilers give up on in long loop bodies) */
+static inline uint32_t float_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    return u;
+}
+
+static inline float sel(int c, float a, float b) {
+    uint32_t m = (uint32_t)0 - (uint32_t)c;
+    uint32_t u = (float_bits(a) & m) | (float_bits(b) & ~m);
+    float f;
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
 
 static inline float clamp255(float v) {
-    v = v > 0.0f ? v : 0.0f;
-    return v < 255.0f ? v : 255.0f;
+    v = sel(v > 0.0f, v, 0.0f);
+    return sel(v < 255.0f, v, 255.0f);
 }
 
 static inline float clamp01(float v) {
-    v = v > 0.0f ? v : 0.0f;
-    return v < 1.0f ? v : 1.0f;
+    v = sel(v > 0.0f, v, 0.0f);
+    return sel(v < 1.0f, v, 1.0f);
 }
 
 /* ------------------------------------------------------------------------------------------- crop */
@@ -164,7 +177,7 @@ static void posterize(float *img, double bits, int64_t hw) {
 
 static void solarize(float *img, double threshold, int64_t hw) {
     float t = (float)threshold;
-    for (int64_t k = 0; k < 3 * hw; k++) img[k] = img[k] >= t ? 255.0f - img[k] : img[k];
+    for (int64_t k = 0; k < 3 * hw; k++) img[k] = sel(img[k] >= t, 255.0f - img[k], img[k]);
 }
 
 static void autocontrast(float *img, int64_t hw) {
