@@ -2,10 +2,11 @@
 
 On a CPU, the eager batched ops (``augment_ops``, ``augment_policy``) spend most of their time in PyTorch's
 per-op overhead and in passes over batches that do not fit in cache: a ColorJitter hue shift alone is ~45
-ops over the batch. ``augment_kernels.c`` does the same arithmetic pixel by pixel, one sample at a time, for
-the three stages that dominate: the bilinear RandomResizedCrop (reading the uint8 batch directly), the
-RandAugment pixel ops of one op slot, and ColorJitter followed by Normalize. Results are bit for bit those
-of the eager ops (tests/test_augment_native.py).
+ops over the batch. ``augment_kernels.c`` does the same arithmetic pixel by pixel, one sample at a time while
+it is in cache: the bilinear RandomResizedCrop (reading the uint8 batch directly), the RandAugment ops (warps
+included), ColorJitter and Normalize, all in one call (``augment``) or stage by stage; and per-batch
+Mixup/CutMix in place (``mix_batch_``). Results are bit for bit those of the eager ops
+(tests/test_augment_native.py).
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``<cache_root>/kernels/`` under a name derived from the source and flags, written atomically, and loaded
