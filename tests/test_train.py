@@ -85,13 +85,8 @@ def tiny_config(cache: Path, *extra: str, epochs: int = 12) -> TrainConfig:
     return load_config(None, None, [*tiny_overrides(cache, epochs), *extra])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is overhead-bound: one thread is faster and steadier on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# the tiny model is overhead-bound: one thread is faster and steadier on a busy machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
