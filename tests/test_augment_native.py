@@ -227,3 +227,15 @@ def test_mix_kernel_equals_the_eager_mix_for_any_partner_permutation(kernels, mo
             assert torch.equal(ours, expected) and (y2 - y1) * (x2 - x1) > 0
     with pytest.raises(ValueError, match="permutation"):
         kernels.mix_batch_(x.clone(), torch.zeros(12, dtype=torch.int64), 1, 0.5, (0, 0, 0, 0))
+
+
+@pytest.mark.slow
+def test_hue_kernel_equals_torchvision_on_every_rgb_triple(kernels) -> None:
+    every = torch.arange(256**3)
+    img = torch.stack([every // 65536, every // 256 % 256, every % 256]).to(torch.uint8).view(3, 4096, 4096)
+    for shift in (0.05, -0.37):
+        factors = torch.tensor([[1.0, 1.0, 1.0, shift]], dtype=torch.float64)
+        ours = kernels.color_jitter_(
+            img.float().unsqueeze(0), torch.tensor([[3, 0, 1, 2]]), factors, (False,) * 3 + (True,)
+        )
+        assert torch.equal(ours[0], TF.adjust_hue(img, shift).float())

@@ -220,23 +220,32 @@ static void equalize(float *img, int64_t hw) {
 }
 
 /* torchvision's adjust_hue on uint8: _rgb2hsv of x / 255, hue shift modulo 1, _hsv2rgb, x * 255.999
- * truncated; the same float32 expressions, pixel by pixel */
+ * truncated; the same float32 expressions, pixel by pixel, with fewer divisions. In _rgb2hsv the channel
+ * holding the minimum gives (maxc - minc) / cr = 1 exactly and the maximum 0, so of rc, gc, bc only the
+ * middle channel's u = (maxc - mid / 255) / cr needs a division, and the hue of each (max, min) case is
+ * torchvision's expression with those values filled in: max r: bc - gc = u - 1 (min g) or 1 - u (min b);
+ * max g: (2 + rc) - bc = 3 - u (min r) or (2 + u) - 1 (min b); max b: (4 + gc) - rc = (4 + u) - 1 (min r)
+ * or 5 - u (min g). Ties between channels give the same value either way; gray pixels (s = 0) come back
+ * unchanged whatever the hue. */
 static void hue(float *img, double factor, int64_t hw) {
     float shift = (float)factor;
     float *restrict red = img, *restrict green = img + hw, *restrict blue = img + 2 * hw;
     for (int64_t k = 0; k < hw; k++) {
-        float r = red[k] / 255.0f, g = green[k] / 255.0f, b = blue[k] / 255.0f;
-        float maxc = sel(r > g, r, g);
-        maxc = sel(maxc > b, maxc, b);
-        float minc = sel(r < g, r, g);
-        minc = sel(minc < b, minc, b);
+        float r = red[k], g = green[k], b = blue[k]; /* whole numbers */
+        float top = sel(r > g, r, g);
+        top = sel(top > b, top, b);
+        float low = sel(r < g, r, g);
+        low = sel(low < b, low, b);
+        float mid = ((r + g) + b - top) - low; /* exact: small whole numbers */
+        float maxc = top / 255.0f, minc = low / 255.0f;
         int eq = maxc == minc;
         float cr = maxc - minc;
         float s = cr / sel(eq, 1.0f, maxc);
-        float div = sel(eq, 1.0f, cr);
-        float rc = (maxc - r) / div, gc = (maxc - g) / div, bc = (maxc - b) / div;
-        float hr = bc - gc, hg = (2.0f + rc) - bc, hb = (4.0f + gc) - rc;
-        float hh = sel(maxc == r, hr, sel(maxc == g, hg, hb));
+        float u = (maxc - mid / 255.0f) / sel(eq, 1.0f, cr);
+        int is_r = top == r, is_g = !is_r & (top == g);
+        int plus = (is_r & (g <= b)) | (is_g & (b < r)) | (!is_r & !is_g & (r <= g)); /* +u (then -1), or -u */
+        float base = sel(is_r, 0.0f, sel(is_g, 2.0f, 4.0f)) + sel(plus, 0.0f, 1.0f);
+        float hh = (base + sel(plus, u, -u)) + sel(plus, -1.0f, 0.0f);
         hh = hh / 6.0f + 1.0f;
         hh = sel(hh >= 1.0f, hh - 1.0f, hh); /* fmod(h, 1) for h in [0, 2) */
         hh = hh + shift;                     /* remainder(h, 1) for h in [-1, 2) */
