@@ -15,6 +15,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 /* truncation of a value >= 0 (the uint8 cast of a clamped value): floorf is one vector instruction with
  * SSE4.1 (or on ARM) but a library call without it, where the int conversion vectorizes instead */
@@ -59,49 +62,64 @@ static inline float clamp01(float v) {
 
 /* ------------------------------------------------------------------------------------------- crop */
 
+/* One output row of the horizontal pass: out[x] = round(kx[x] * row[x0[x]] + lx[x] * row[x0[x] + 1]).
+ * row holds the source row and 8 more floats (zeros): where x0 is the last column, lx is 0. With AVX2,
+ * 8 outputs whose taps lie within 8 consecutive source columns (always, when upsampling) take one load and
+ * one in-register permutation per tap instead of 16 scalar loads; the arithmetic is the same. */
+static void resample_row(const float *row, const int32_t *x0, const float *kx, const float *lx, int64_t ow,
+                         float *restrict out) {
+    int64_t x = 0;
+#if defined(__AVX2__)
+    const __m256 magic = _mm256_set1_ps(12582912.0f);
+    for (; x + 8 <= ow; x += 8) {
+        int32_t first = x0[x], last = x0[x + 7];
+        int32_t lo = first < last ? first : last, hi = first < last ? last : first;
+        if (hi - lo > 7) break; /* a shrinking map: the scalar loop takes the rest */
+        __m256i idx = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(x0 + x)), _mm256_set1_epi32(lo));
+        __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(row + lo), idx);
+        __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(row + lo + 1), idx);
+        __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(kx + x), a), _mm256_mul_ps(_mm256_loadu_ps(lx + x), b));
+        _mm256_storeu_ps(out + x, _mm256_sub_ps(_mm256_add_ps(v, magic), magic));
+    }
+#endif
+    for (; x < ow; x++) out[x] = round_even(kx[x] * row[x0[x]] + lx[x] * row[x0[x] + 1]);
+}
+
 /* Bilinear resized crop (upsampling only) with flip of one sample, from uint8 to float32 whole numbers.
  *
  * src: the sample's uint8 image, element (c, y, x) at src[c*sc + y*sh + x*sw] (either layout).
  * sy: (oh) source row of each output row, sx: (ow) source column of each output column: absolute,
  *     already clamped to the crop and mirrored where flipped (float64).
- * out: (3, oh, ow) float32. work_row: 3 * w floats; x0, x1: ow int32; lx, kx: ow floats.
- * Separable: for each output row, the two source rows are blended (all channels at once when they are
- * interleaved), then the columns. The caller uses this kernel only where every value is a dyadic
- * rational that float32 holds exactly (crops no larger than the output, output sides powers of two up to
- * 64: weights k / 128, products under 2^24), so the result, rounded half to even, is the same whole
- * number as torchvision's antialiased resize followed by round(), in any order of the two passes.
+ * out: (3, oh, ow) float32. work_row: 3 * (w + 8) floats; x0: ow int32; lx, kx: ow floats.
+ * Separable: for each output row, the two source rows are blended into one row per channel, then the
+ * columns. The caller uses this kernel only where every value is a dyadic rational that float32 holds
+ * exactly (crops no larger than the output, output sides powers of two up to 64: weights k / 128,
+ * products under 2^24), so the result, rounded half to even, is the same whole number as torchvision's
+ * antialiased resize followed by round(), in any order of the two passes.
  */
 static void crop_one(const uint8_t *src, int64_t h, int64_t w, int64_t sc, int64_t sh, int64_t sw,
                      const double *sy, const double *sx, int64_t oh, int64_t ow, float *out, float *work_row,
-                     int32_t *restrict x0, int32_t *restrict x1, float *restrict lx, float *restrict kx) {
+                     int32_t *restrict x0, float *restrict lx, float *restrict kx) {
     for (int64_t x = 0; x < ow; x++) {
         int32_t a = (int32_t)sx[x];
         x0[x] = a;
-        x1[x] = a + 1 < w ? a + 1 : (int32_t)w - 1;
-        lx[x] = (float)(sx[x] - (double)a);
+        lx[x] = (float)(sx[x] - (double)a); /* 0 where a is the last column */
         kx[x] = 1.0f - lx[x];
     }
+    for (int64_t c = 0; c < 3; c++) memset(work_row + c * (w + 8) + w, 0, 8 * sizeof(float));
     for (int64_t y = 0; y < oh; y++) {
         int64_t r0 = (int64_t)sy[y];
         int64_t r1 = r0 + 1 < h ? r0 + 1 : h - 1;
         float ly = (float)(sy[y] - (double)r0), ky = 1.0f - ly;
-        float *restrict row = work_row;
-        if (sc == 1 && sw == 3) { /* channels last: both rows are 3 * w contiguous bytes */
-            const uint8_t *top = src + r0 * sh, *bottom = src + r1 * sh;
-            for (int64_t k = 0; k < 3 * w; k++) row[k] = ky * (float)top[k] + ly * (float)bottom[k];
-            for (int64_t c = 0; c < 3; c++) {
-                float *restrict o = out + (c * oh + y) * ow;
-                for (int64_t x = 0; x < ow; x++) {
-                    o[x] = round_even(kx[x] * row[3 * x0[x] + c] + lx[x] * row[3 * x1[x] + c]);
-                }
-            }
-            continue;
-        }
-        for (int64_t c = 0; c < 3; c++) { /* any other strides: one channel at a time */
+        for (int64_t c = 0; c < 3; c++) {
             const uint8_t *top = src + c * sc + r0 * sh, *bottom = src + c * sc + r1 * sh;
-            for (int64_t x = 0; x < w; x++) row[x] = ky * (float)top[x * sw] + ly * (float)bottom[x * sw];
-            float *restrict o = out + (c * oh + y) * ow;
-            for (int64_t x = 0; x < ow; x++) o[x] = round_even(kx[x] * row[x0[x]] + lx[x] * row[x1[x]]);
+            float *restrict row = work_row + c * (w + 8);
+            if (sw == 1) {
+                for (int64_t x = 0; x < w; x++) row[x] = ky * (float)top[x] + ly * (float)bottom[x];
+            } else { /* channels last: every third byte */
+                for (int64_t x = 0; x < w; x++) row[x] = ky * (float)top[x * sw] + ly * (float)bottom[x * sw];
+            }
+            resample_row(row, x0, kx, lx, ow, out + (c * oh + y) * ow);
         }
     }
 }
@@ -371,7 +389,7 @@ static void color_jitter_one(float *img, int64_t hw, const int64_t *order, const
 }
 
 /* Work buffer sizes, in floats, for an (h, w) image (and a source width w_in for the crop). */
-int64_t work_floats(int64_t h, int64_t w, int64_t w_in) { return 3 * h * w + 2 * w + 3 * w_in + 4 * w; }
+int64_t work_floats(int64_t h, int64_t w, int64_t w_in) { return 3 * h * w + 2 * w + 3 * (w_in + 8) + 3 * w; }
 
 /* One RandAugment op slot: sample i of x (n, 3, h, w) gets ops[i] with values[i] (matrices: (n, 3, 2)). */
 void randaugment_slot(float *x, int64_t n, int64_t h, int64_t w, const int64_t *ops, const double *values,
@@ -399,11 +417,11 @@ void augment_fused(const uint8_t *src, int64_t n, int64_t h, int64_t w, int64_t 
                    const int64_t *ops, const double *values, const float *matrices, const float *gxs,
                    const float *gys, const int64_t *order, const double *factors, const uint8_t *enabled,
                    const float *scale, const float *shift, float *out, float *work) {
-    float *pixels = work, *row = work + 3 * oh * ow + 2 * ow, *lx = row + 3 * w, *kx = lx + ow;
-    int32_t *x0 = (int32_t *)(kx + ow), *x1 = x0 + ow;
+    float *pixels = work, *row = work + 3 * oh * ow + 2 * ow, *lx = row + 3 * (w + 8), *kx = lx + ow;
+    int32_t *x0 = (int32_t *)(kx + ow);
     for (int64_t i = 0; i < n; i++) {
         float *img = out + i * 3 * oh * ow;
-        crop_one(src + i * sn, h, w, sc, sh, sw, ys + i * oh, xs + i * ow, oh, ow, img, row, x0, x1, lx, kx);
+        crop_one(src + i * sn, h, w, sc, sh, sw, ys + i * oh, xs + i * ow, oh, ow, img, row, x0, lx, kx);
         for (int64_t k = 0; k < slots; k++) {
             int64_t j = i * slots + k;
             randaugment_one(img, oh, ow, ops[j], values[j], 1, matrices + j * 6, gxs, gys, pixels);
