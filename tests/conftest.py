@@ -14,6 +14,14 @@ from imagegen import smooth_images
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-sub.zip"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """tinyswin's caches (compiled augmentation kernels, the built-in dataset) in a temporary folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TINYSWIN_CACHE", str(tmp_path_factory.mktemp("tinyswin-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def shared_zip() -> Path:
     """The Tiny ImageNet subset in ../shared, or a skip with the reason."""
