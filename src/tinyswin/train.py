@@ -789,6 +789,18 @@ def train(
     if resume:
         say(f"resuming after epoch {state.epoch} (step {state.step})")
     last_results: dict[str, EvalResult] = {}
+
+    def evaluate_split(net: nn.Module, split: str) -> EvalResult:
+        return evaluate(
+            net,
+            iter(eval_loaders[split]),
+            normalize,
+            num_classes=num_classes,
+            label_smoothing=cfg.label_smoothing,
+            amp_dtype=amp_dtype,
+            dist=dist,
+        )
+
     epoch_times: list[float] = []
     plot_clock = [0.0, 0.0]  # end and duration of the last plot drawing
     budget_clock = wall_start - state.train_seconds  # the budget counts wall time, across resumes
@@ -887,15 +899,7 @@ def train(
                 f"time budget: {cfg.time_budget:.0f} s reached after {stats.steps} steps of epoch {epoch + 1}"
             )
         for split in splits:
-            result = evaluate(
-                eval_model,
-                iter(eval_loaders[split]),
-                normalize,
-                num_classes=num_classes,
-                label_smoothing=cfg.label_smoothing,
-                amp_dtype=amp_dtype,
-                dist=dist,
-            )
+            result = evaluate_split(eval_model, split)
             last_results[split] = result
             record |= {
                 f"{split}_loss": result.loss,
@@ -903,15 +907,7 @@ def train(
                 f"{split}_top5": result.top5,
             }
             if ema is not None:
-                result = evaluate(
-                    ema.module,
-                    iter(eval_loaders[split]),
-                    normalize,
-                    num_classes=num_classes,
-                    label_smoothing=cfg.label_smoothing,
-                    amp_dtype=amp_dtype,
-                    dist=dist,
-                )
+                result = evaluate_split(ema.module, split)
                 record |= {
                     f"ema_{split}_loss": result.loss,
                     f"ema_{split}_top1": result.top1,
@@ -973,15 +969,7 @@ def train(
         plot_run(run_dir)
     if not last_results:  # resumed a finished run: evaluate once for the summary
         for split in splits:
-            last_results[split] = evaluate(
-                eval_model,
-                iter(eval_loaders[split]),
-                normalize,
-                num_classes=num_classes,
-                label_smoothing=cfg.label_smoothing,
-                amp_dtype=amp_dtype,
-                dist=dist,
-            )
+            last_results[split] = evaluate_split(eval_model, split)
     summary = _summary(cfg, state, splits, last_results, cache.class_names, run_dir, resumed_at)
     if main:
         save_yaml(cfg, run_dir / "config.yaml")
