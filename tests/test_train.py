@@ -24,6 +24,7 @@ from tinyswin.evaluate import evaluate_checkpoint, load_images, predict
 from tinyswin.optim import WarmupCosine, schedule_lr
 from tinyswin.plots import read_metrics
 from tinyswin.train import (
+    DistContext,
     LoopState,
     TrainingError,
     _replan,
@@ -561,3 +562,22 @@ def test_threads_key_sets_torch_threads_and_a_negative_count_is_refused(
     with pytest.raises(ValueError, match="threads=-1"):
         train(tiny_config(tiny_cache, "threads=-1", epochs=1), tmp_path / "neg", progress=False)
     assert not (tmp_path / "neg").exists()  # refused before anything is written
+
+
+def test_budget_clock_asks_rank_0_every_few_steps_with_several_processes(monkeypatch) -> None:
+    import tinyswin.train as train_module
+
+    asked = []
+
+    def broadcast(flag, dist, device):  # stands in for the collective: rank 0 says "over"
+        asked.append(len(asked))
+        return torch.ones_like(flag)
+
+    monkeypatch.setattr(train_module, "_broadcast_from_rank0", broadcast)
+    past = time.perf_counter() - 10.0
+    alone = train_module._BudgetClock(5.0, past, DistContext(), torch.device("cpu"))
+    assert [alone() for _ in range(3)] == [True, True, True] and asked == []  # one process: its own clock
+    fresh = train_module._BudgetClock(5.0, time.perf_counter(), DistContext(), torch.device("cpu"))
+    assert fresh() is False
+    many = train_module._BudgetClock(5.0, past, DistContext(0, 2, 0), torch.device("cpu"), every=4)
+    assert [many() for _ in range(8)] == [False, False, False, True] * 2 and len(asked) == 2
