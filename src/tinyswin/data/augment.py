@@ -38,8 +38,9 @@ Speed: parameters are drawn for the whole batch at once. On a GPU (and on a CPU 
 nothing loops over samples in Python: every op runs on all the samples that drew it (gathered with
 ``index_select``, written back with ``index_copy_``), masks are 0/1 float arithmetic, histograms one
 ``bincount``/``scatter_add_``. On a CPU that costs one PyTorch op per arithmetic step over batches larger
-than the cache, so there the crop, the RandAugment slots and ColorJitter + Normalize run in the compiled
-kernels of ``augment_native`` (C, built on first use; same results bit for bit), one pass per sample.
+than the cache, so there the crop, RandAugment, ColorJitter and Normalize run in the compiled kernels of
+``augment_native`` (C, built on first use; the same results bit for bit), one sample at a time while it is in
+cache, and per-batch Mixup/CutMix in place.
 """
 
 from __future__ import annotations
@@ -338,9 +339,9 @@ class Augment:
         config: the pipeline.
         mean, std: per-channel normalization (3 floats each, 0..1 scale).
         num_classes: number of classes (width of soft targets).
-        native: on CPU batches, run the crop, RandAugment pixel ops and ColorJitter + Normalize with the
-            compiled kernels of ``augment_native`` when they are available (same results, several times
-            faster); False always runs the eager PyTorch ops.
+        native: on CPU batches, run the crop, RandAugment, ColorJitter, Normalize and per-batch
+            Mixup/CutMix with the compiled kernels of ``augment_native`` where they are available (the same
+            results, several times faster); False always runs the eager PyTorch ops.
     """
 
     def __init__(
