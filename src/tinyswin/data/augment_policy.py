@@ -54,6 +54,7 @@ RANDAUGMENT_OPS = (
 )
 _SIGNED = frozenset(RANDAUGMENT_OPS[1:10])
 _GEOMETRIC = frozenset(RANDAUGMENT_OPS[1:6])
+_WARPED = frozenset(("ShearX", "ShearY", "Rotate"))  # the geometric ops that resample (Translate shifts)
 COLOR_JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 _BLEND_ROWS = 64  # samples per blend pass on a CPU: about 3 MB of float32 64x64 images, cache-sized
 
@@ -232,7 +233,7 @@ def randaugment_warps(params: RandAugmentParams, height: int, width: int) -> tup
         the ``(W,)``, ``(H,)`` grid bases (see ``augment_geometry.affine_grid_parts``).
     """
     n, slots = params.ops.shape
-    warped = torch.tensor([name in ("ShearX", "ShearY", "Rotate") for name in RANDAUGMENT_OPS])
+    warped = torch.tensor([name in _WARPED for name in RANDAUGMENT_OPS])
     flat_ops, flat_values = params.ops.reshape(-1), params.values.reshape(-1)
     idx = warped[flat_ops].nonzero().squeeze(1)
     names = [RANDAUGMENT_OPS[k] for k in flat_ops[idx].tolist()]
@@ -265,17 +266,17 @@ def randaugment_(
     """
     native = kernels is not None and x.device.type == "cpu"
     height, width = x.shape[-2:]
-    warped = torch.tensor([name in ("ShearX", "ShearY", "Rotate") for name in RANDAUGMENT_OPS])
+    warped = torch.tensor([name in _WARPED for name in RANDAUGMENT_OPS])
     shift_x = torch.tensor([name == "TranslateX" for name in RANDAUGMENT_OPS])
     shift_y = torch.tensor([name == "TranslateY" for name in RANDAUGMENT_OPS])
     if native and interpolation == "nearest":
         matrices, xs, ys = randaugment_warps(params, height, width)
     for slot in range(params.ops.shape[1]):
         column, values = params.ops[:, slot], params.values[:, slot]
-        idx = warped[column].nonzero().squeeze(1)
         if native and interpolation == "nearest":  # the whole slot, warps included, in one call
             kernels.randaugment_slot_(x, column, values, (matrices[:, slot], xs, ys))
             continue
+        idx = warped[column].nonzero().squeeze(1)
         if idx.numel():
             names = [RANDAUGMENT_OPS[k] for k in column[idx].tolist()]
             theta = randaugment_affine(names, values[idx], height, width)
