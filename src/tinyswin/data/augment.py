@@ -490,7 +490,7 @@ class Augment:
             x = randaugment_(x, params.randaug, cfg.randaug_interpolation, kernels)
         if params.jitter is not None and kernels is not None:
             jitter = params.jitter
-            fused = self._normalization(x) if normalize else None
+            fused = self._normalization(x.device) if normalize else None
             return kernels.color_jitter_(x, jitter.order, jitter.factors, jitter.enabled, fused)
         if params.jitter is not None:
             x = color_jitter_(x, params.jitter)
@@ -513,21 +513,21 @@ class Augment:
             randaug = (params.randaug.ops, params.randaug.values, matrices, gxs, gys)
         if params.jitter is not None:
             jitter = (params.jitter.order, params.jitter.factors, params.jitter.enabled)
-        scales = self._normalization(torch.empty(0)) if normalize else None
+        scales = self._normalization(images.device) if normalize else None
         return kernels.augment(_channels_first(images), ys, xs, randaug, jitter, scales)
 
-    def _normalization(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(scale, shift)``: float32 ``(3,)`` tensors on ``x``'s device, ``scale = 1 / (255 std)``,
+    def _normalization(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)``: float32 ``(3,)`` tensors on ``device``, ``scale = 1 / (255 std)``,
         ``shift = mean / std``."""
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=x.dtype, device=x.device)
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=device)
         shift = torch.tensor(
-            [m / s for m, s in zip(self.mean, self.std, strict=True)], dtype=x.dtype, device=x.device
+            [m / s for m, s in zip(self.mean, self.std, strict=True)], dtype=torch.float32, device=device
         )
         return scale, shift
 
     def _normalize_(self, x: Tensor) -> Tensor:
-        """In place: ``(x / 255 - mean) / std`` for a float ``(B, 3, H, W)`` batch in [0, 255]."""
-        scale, shift = self._normalization(x)
+        """In place: ``(x / 255 - mean) / std`` for a float32 ``(B, 3, H, W)`` batch in [0, 255]."""
+        scale, shift = self._normalization(x.device)
         return x.mul_(scale.view(1, 3, 1, 1)).sub_(shift.view(1, 3, 1, 1))
 
     def apply(self, images: Tensor, labels: Tensor, params: AugmentParams) -> tuple[Tensor, Tensor]:
