@@ -149,11 +149,9 @@ def erase_(
         for i, (top, left, bh, bw) in zip(
             params.apply.nonzero().squeeze(1).tolist(), rows.tolist(), strict=True
         ):
-            if params.noise is not None:
+            if params.noise is not None:  # this box's (C, h, w) values, in torchvision's order
                 size = c * bh * bw
-                fill = params.noise[offset : offset + size].view(
-                    c, bh, bw
-                )  # (C, h, w) in torchvision's order
+                fill = params.noise[offset : offset + size].view(c, bh, bw)
                 offset += size
             x[i, :, top : top + bh, left : left + bw] = fill
         return x
