@@ -38,11 +38,11 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from tinyswin.config import cache_root
 from tinyswin.data import BatchLoader, build_augment, is_cache, load_cache, prepare
 from tinyswin.data.augment import augment_preset
 from tinyswin.model import SwinTransformer, preset_config
 from tinyswin.optim import build_adamw
+from tinyswin.paths import cache_root
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_MEAN = (0.4802, 0.4481, 0.3975)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyswin.config import cache_root, load_config
+from tinyswin.config import load_config
 from tinyswin.data import is_cache, write_cache
 from tinyswin.data.imagefolder import decode_image, list_source
 from tinyswin.data.tinyimagenet import plan_tinyimagenet
+from tinyswin.paths import cache_root
 from tinyswin.plots import plot_curves, read_metrics
 from tinyswin.train import train
 

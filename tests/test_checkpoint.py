@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tinyswin.checkpoint import (
+    FORMAT,
     WRITE_DELAY_ENV,
     atomic_save,
     check_compatible,
@@ -24,6 +25,7 @@ from tinyswin.checkpoint import (
 
 def _ckpt(value: float, **extra) -> dict:
     return {
+        "format": FORMAT,
         "model": {"w": torch.full((3,), value)},
         "model_config": {"embed_dim": 8, "depths": [1, 1]},
         "class_names": ["a", "b"],
@@ -61,6 +63,17 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
     raw.write_bytes(pickle.dumps(_RunsCode(marker)))
     pickle.loads(raw.read_bytes())
     assert marker.exists()
+
+
+def test_a_checkpoint_of_another_format_is_refused(tmp_path: Path) -> None:
+    path = atomic_save(_ckpt(1.0, format=FORMAT + 1), tmp_path / "future.pt")
+    with pytest.raises(
+        ValueError, match=rf"future\.pt: checkpoint format {FORMAT + 1} .* \(format {FORMAT}\)"
+    ):
+        load_checkpoint(path)
+    atomic_save({k: v for k, v in _ckpt(1.0).items() if k != "format"}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old\.pt: not a tinyswin checkpoint"):
+        load_checkpoint(tmp_path / "old.pt")
 
 
 def test_not_a_checkpoint(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import torch
 from tinyswin.config import (
     TrainConfig,
     apply_overrides,
-    cache_root,
     config_preset_names,
     from_dict,
     load_config,
@@ -19,6 +18,7 @@ from tinyswin.config import (
     to_yaml,
 )
 from tinyswin.optim import WarmupCosine
+from tinyswin.paths import cache_root
 from tinyswin.train import build_augment_config, build_model_config
 
 # The notebook's recipe, written out from docs/design.md ("The notebook's recipe, value by value").
@@ -83,7 +83,6 @@ NOTEBOOK_TRAIN = {
     "data.val_split": "val",
     "data.mean": (0.4802, 0.4481, 0.3975),
     "data.std": (0.2296, 0.2263, 0.2255),
-    "data.num_workers": 4,
     "ema.enabled": False,
 }
 

@@ -336,7 +336,7 @@ def test_seed_preset_is_the_notebook_model() -> None:
     tables = [p for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")]
     assert len(tables) == 12 and all(torch.count_nonzero(t) == 0 for t in tables)
     assert isinstance(model.patch_embed.norm, torch.nn.Identity)
-    rates = [block.drop_path.p for stage in model.stages for block in stage.blocks]
+    rates = [block.drop_path_rate for stage in model.stages for block in stage.blocks]
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.2, 12))
     # every second block shifts by half its window, also where the window covers the map
     shifts = [

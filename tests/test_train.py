@@ -16,8 +16,17 @@ import torch
 import yaml
 from PIL import Image
 
+from tinyswin.budget import compress_schedule, plan_budget, replan
 from tinyswin.checkpoint import load_checkpoint
-from tinyswin.config import TrainConfig, apply_overrides, from_dict, load_config, to_dict
+from tinyswin.config import (
+    TrainConfig,
+    apply_overrides,
+    build_augment_config,
+    expand,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from tinyswin.data import load_cache, write_cache
 from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
 from tinyswin.evaluate import evaluate_checkpoint, load_images, predict
@@ -27,10 +36,7 @@ from tinyswin.train import (
     DistContext,
     LoopState,
     TrainingError,
-    _replan,
     build_model_config,
-    compress_schedule,
-    plan_budget,
     train,
     train_one_epoch,
 )
@@ -117,7 +123,10 @@ def test_loss_falls_and_accuracy_beats_chance(tiny_run) -> None:
 
 def test_run_directory_holds_config_metrics_checkpoints_plots_summary(tiny_run) -> None:
     run_dir, summary, cfg = tiny_run
-    assert from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())) == cfg
+    saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert saved == expand(cfg, 4, 32)  # every key, the model and augmentation spelled out
+    assert build_model_config(saved, 4, 32) == build_model_config(cfg, 4, 32)
+    assert build_augment_config(saved) == build_augment_config(cfg)
     records = read_metrics(run_dir / "metrics.jsonl")
     for key in [
         "epoch",
@@ -416,15 +425,19 @@ def test_replan_fits_the_remaining_epochs_into_the_budget() -> None:
     say: list[str] = []
     # after the first epoch (12 s): 88 s left fit 7 more epochs -> 8 in all (either direction the first time)
     state = LoopState(epoch=1, train_seconds=12.0, plan=plan)
-    cfg = _replan(cfg, state, [12.0], say.append)
+    cfg = dataclasses.replace(cfg, schedule=replan(cfg.schedule, 100.0, state, [12.0], say.append))
     assert cfg.schedule.epochs == 8 and cfg.schedule.warmup_epochs == pytest.approx(0.4)
     # later, only fewer: 3 epochs done at 60 s, 20 s per epoch -> 2 more fit -> 5
     state = LoopState(epoch=3, train_seconds=60.0, plan=plan)
-    cfg = _replan(cfg, state, [12.0, 24.0, 24.0], say.append)
+    cfg = dataclasses.replace(
+        cfg, schedule=replan(cfg.schedule, 100.0, state, [12.0, 24.0, 24.0], say.append)
+    )
     assert cfg.schedule.epochs == 3 + 40 // 20 == 5
     # no time left: the run stops where it is
     state = LoopState(epoch=4, train_seconds=99.0, plan=plan)
-    cfg = _replan(cfg, state, [20.0, 20.0, 20.0], say.append)
+    cfg = dataclasses.replace(
+        cfg, schedule=replan(cfg.schedule, 100.0, state, [20.0, 20.0, 20.0], say.append)
+    )
     assert cfg.schedule.epochs == 4
     assert "stopping" in say[-1]
 
@@ -565,7 +578,7 @@ def test_threads_key_sets_torch_threads_and_a_negative_count_is_refused(
 
 
 def test_budget_clock_asks_rank_0_every_few_steps_with_several_processes(monkeypatch) -> None:
-    import tinyswin.train as train_module
+    import tinyswin.budget as budget_module
 
     asked = []
 
@@ -573,11 +586,11 @@ def test_budget_clock_asks_rank_0_every_few_steps_with_several_processes(monkeyp
         asked.append(len(asked))
         return torch.ones_like(flag)
 
-    monkeypatch.setattr(train_module, "_broadcast_from_rank0", broadcast)
+    monkeypatch.setattr(budget_module, "broadcast_from_rank0", broadcast)
     past = time.perf_counter() - 10.0
-    alone = train_module._BudgetClock(5.0, past, DistContext(), torch.device("cpu"))
+    alone = budget_module.BudgetClock(5.0, past, DistContext(), torch.device("cpu"))
     assert [alone() for _ in range(3)] == [True, True, True] and asked == []  # one process: its own clock
-    fresh = train_module._BudgetClock(5.0, time.perf_counter(), DistContext(), torch.device("cpu"))
+    fresh = budget_module.BudgetClock(5.0, time.perf_counter(), DistContext(), torch.device("cpu"))
     assert fresh() is False
-    many = train_module._BudgetClock(5.0, past, DistContext(0, 2, 0), torch.device("cpu"), every=4)
+    many = budget_module.BudgetClock(5.0, past, DistContext(0, 2, 0), torch.device("cpu"), every=4)
     assert [many() for _ in range(8)] == [False, False, False, True] * 2 and len(asked) == 2

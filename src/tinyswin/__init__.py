@@ -1,15 +1,25 @@
-"""tinyswin: train a Swin Transformer from scratch on small images."""
+"""tinyswin: train a Swin Transformer from scratch on small images.
 
-from tinyswin.interop import from_timm
-from tinyswin.model import SwinConfig, SwinTransformer, preset_config, preset_names
+The names below load their module on first use, so that `import tinyswin.data` (say) does not load the model.
+"""
 
-__version__ = "0.1.0"
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "SwinConfig",
-    "SwinTransformer",
-    "__version__",
-    "from_timm",
-    "preset_config",
-    "preset_names",
-]
+from tinyswin.version import __version__
+
+_EXPORTS = {
+    "SwinConfig": "tinyswin.model",
+    "SwinTransformer": "tinyswin.model",
+    "preset_config": "tinyswin.model",
+    "preset_names": "tinyswin.model",
+    "from_timm": "tinyswin.interop",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tinyswin' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

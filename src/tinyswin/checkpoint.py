@@ -10,16 +10,37 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-FORMAT = 1
-REQUIRED_KEYS = ("model", "model_config", "class_names")
+FORMAT = 1  # the layout below; a checkpoint of another format is refused on load
+REQUIRED_KEYS = ("format", "model", "model_config", "class_names")
+# what a training run writes, besides the format
+CONTENTS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "ema",
+    "epoch",
+    "step",
+    "best",
+    "model_config",
+    "train_config",
+    "class_names",
+    "class_ids",
+    "normalization",
+    "image_size",
+    "rng_state",
+    "loop",
+)
 # Testing hook: seconds to sleep after the temporary file is written and before it is renamed into place, so
 # that a test can kill a process in the middle of a checkpoint write.
 WRITE_DELAY_ENV = "TINYSWIN_CHECKPOINT_WRITE_DELAY"
@@ -35,6 +56,18 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def make_checkpoint(**parts: Any) -> dict[str, Any]:
+    """A checkpoint of format `FORMAT`: exactly the `CONTENTS` keys, plus the format.
+
+    Raises:
+        ValueError: a key is missing or unknown.
+    """
+    missing, extra = sorted(set(CONTENTS) - set(parts)), sorted(set(parts) - set(CONTENTS))
+    if missing or extra:
+        raise ValueError(f"checkpoint format {FORMAT}: missing keys {missing}, unknown keys {extra}")
+    return {"format": FORMAT, **parts}
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -106,6 +139,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a tinyswin checkpoint (expected keys {REQUIRED_KEYS}, found {have})")
+    if ckpt["format"] != FORMAT:
+        raise ValueError(
+            f"{path}: checkpoint format {ckpt['format']!r} is not one this version of tinyswin reads "
+            f"(format {FORMAT}); evaluate it with the tinyswin that wrote it"
+        )
     return ckpt
 
 
@@ -154,3 +192,27 @@ def check_compatible(
     if problems:
         more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
         raise ValueError(f"{source} does not match: " + "; ".join(problems[:4]) + more)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random states (torch, CUDA, Python, numpy) as plain data."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("python"):
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if state.get("numpy"):
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))

@@ -31,6 +31,9 @@ from typing import Any, Literal
 
 import yaml
 
+from tinyswin.data.augment import AugmentConfig, augment_preset
+from tinyswin.model import SwinConfig, preset_config
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 VAL_SPLITS = ("val", "holdout")
 SCHEDULE_STEPS = ("iteration", "epoch")
@@ -63,10 +66,10 @@ class DataConfig:
     source: str | None = None  # a cache, a dataset to prepare, or None for the built-in synthetic set
     size: int = 64  # image side when a source is prepared into a cache (the built-in set is 32px)
     holdout: float = 0.0  # fraction of every train class kept aside as split 'holdout' when preparing
+    holdout_seed: int = 0  # seed of the holdout draw (its own: runs with other seeds score the same images)
     val_split: Literal["val", "holdout"] = "val"  # the split that picks best.pt
     mean: tuple[float, float, float] | None = None  # normalisation (0..1 scale); None: the cache's own
     std: tuple[float, float, float] | None = None
-    num_workers: int = 4  # kept for the record; batches come from the in-memory cache without workers
 
 
 @dataclass
@@ -308,12 +311,8 @@ _EXTERNAL = ("model", "augment")  # sections whose overrides are the fields of a
 def _external_hints(section: str) -> dict[str, Any]:
     """Field name -> type hint of SwinConfig ('model') or AugmentConfig ('augment')."""
     if section == "model":
-        from tinyswin.model import SwinConfig
-
         cls: type = SwinConfig
     else:
-        from tinyswin.data.augment import AugmentConfig
-
         cls = AugmentConfig
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
@@ -485,16 +484,59 @@ def _describe(hint: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# places
+# the run's model and augmentation
 
 
-def cache_root() -> Path:
-    """Where tinyswin keeps caches: $TINYSWIN_CACHE, else $XDG_CACHE_HOME/tinyswin, else ~/.cache/tinyswin."""
-    if os.environ.get("TINYSWIN_CACHE"):
-        return Path(os.environ["TINYSWIN_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "tinyswin"
-    return Path.home() / ".cache" / "tinyswin"
+def build_augment_config(cfg: TrainConfig) -> AugmentConfig:
+    """The AugmentConfig of a run: its preset with the overrides."""
+    return augment_preset(cfg.augment.preset, **cfg.augment.overrides)
+
+
+def train_resolution(cfg: TrainConfig, image_size: int) -> int:
+    """Side of the training inputs: the augmentation's `out_size` if set, else the cache's image size."""
+    out_size = build_augment_config(cfg).out_size
+    return int(out_size) if out_size else int(image_size)
+
+
+def build_model_config(cfg: TrainConfig, num_classes: int, image_size: int) -> SwinConfig:
+    """The SwinConfig of a run: the preset, its overrides, the data's classes and the training resolution.
+
+    `img_size` is the augmentation's output size if it sets one, else the cache's image size, unless the model
+    section overrides it.
+    """
+    overrides = dict(cfg.model.overrides)
+    overrides.setdefault("img_size", train_resolution(cfg, image_size))
+    overrides["num_classes"] = num_classes
+    if isinstance(overrides["img_size"], list):
+        overrides["img_size"] = tuple(overrides["img_size"])
+    return preset_config(cfg.model.preset, **overrides)
+
+
+def eval_size(model_config: SwinConfig, image_size: int) -> tuple[int, int] | None:
+    """(H, W) that evaluation resizes the stored `image_size` images to: the model's input size, or None
+    where it is the stored size."""
+    size = model_config.img_size
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return None if hw == (image_size, image_size) else hw
+
+
+def plain_model_config(model_config: SwinConfig) -> dict[str, Any]:
+    """A SwinConfig as a plain dict (lists for tuples), the form stored in checkpoints."""
+    return {f.name: _plain(getattr(model_config, f.name)) for f in dataclasses.fields(model_config)}
+
+
+def expand(cfg: TrainConfig, num_classes: int, image_size: int) -> TrainConfig:
+    """`cfg` with the model and augmentation sections spelled out field by field (what `config.yaml` holds).
+
+    The presets stay named, and every field of the resolved SwinConfig (but `num_classes`, which follows the
+    data) and AugmentConfig becomes an override, so the config alone reproduces the run.
+    """
+    model = plain_model_config(build_model_config(cfg, num_classes, image_size))
+    del model["num_classes"]
+    augment = {
+        f.name: _plain(getattr(build_augment_config(cfg), f.name)) for f in dataclasses.fields(AugmentConfig)
+    }
+    return merge(cfg, {"model": model, "augment": augment}, "expanded config")
 
 
 def override_keys() -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from tinyswin.train import DistContext, resolve_device
+from tinyswin.runtime import DistContext, resolve_device
 
 TIMEOUT_ENV = "TINYSWIN_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -175,8 +176,6 @@ def _silent_ranks(probe: tdist.ProcessGroup, ctx: DistContext, seconds: float) -
 
 def _ranks_in(text: str) -> list[int]:
     """The ranks named in monitored_barrier's error ('Ranks 1, 3 failed to pass monitoredBarrier ...')."""
-    import re
-
     match = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
     if not match:
         return []

@@ -1,24 +1,125 @@
-"""Using a trained checkpoint: evaluate it on a split, or predict the classes of image files."""
+"""Evaluation and inference: the per-epoch evaluation of a split, and the use of a trained checkpoint
+(evaluate it on a split of its data, or predict the classes of image files)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from tinyswin.checkpoint import check_compatible, load_checkpoint
-from tinyswin.config import TrainConfig, from_dict
-from tinyswin.train import (
-    build_augment_config,
-    evaluate,
-    resolve_data,
-    resolve_device,
-    resolve_precision,
+from tinyswin.config import TrainConfig, build_augment_config, eval_size, from_dict
+from tinyswin.data import BatchLoader, build_augment, load_cache
+from tinyswin.data.imagefolder import decode_image
+from tinyswin.data.sources import resolve_data
+from tinyswin.metrics import (
+    calibration_bins,
+    confusion_matrix,
+    ece_from_bins,
+    per_class_accuracy,
+    topk_correct,
 )
+from tinyswin.model import SwinConfig, SwinTransformer
+from tinyswin.runtime import DistContext, all_reduce_, autocast, resolve_device, resolve_precision
+
+
+@dataclass
+class EvalResult:
+    """Sums over one split (all processes): loss, top-1, top-5, confusion matrix, calibration bins."""
+
+    n: int
+    loss_sum: float
+    correct1: int
+    correct5: int
+    confusion: torch.Tensor  # (K, K) int64, rows = true class
+    bins: torch.Tensor  # (3, n_bins) float64, see metrics.calibration_bins
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n, 1)
+
+    @property
+    def top1(self) -> float:
+        return self.correct1 / max(self.n, 1)
+
+    @property
+    def top5(self) -> float:
+        return self.correct5 / max(self.n, 1)
+
+    def summary(self, class_names: list[str]) -> dict[str, Any]:
+        """Top-1/5, loss, per-class accuracy, confusion matrix and ECE, as plain data."""
+        per_class = per_class_accuracy(self.confusion)
+        return {
+            "n": self.n,
+            "loss": self.loss,
+            "top1": self.top1,
+            "top5": self.top5,
+            "ece": ece_from_bins(self.bins),
+            "per_class_accuracy": dict(zip(class_names, per_class, strict=True)),
+            "confusion_matrix": self.confusion.tolist(),
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    dist: DistContext | None = None,
+) -> EvalResult:
+    """Loss, top-1, top-5, confusion matrix and calibration of `model` over batches of one split.
+
+    Args:
+        model: the classifier; put in eval mode here (and left so).
+        batches: (uint8 images (B, H, W, 3), int64 labels (B,)) on the model's device; with several
+            processes, each yields its own disjoint shard and the sums are all-reduced.
+        normalize: uint8 (B, H, W, 3) -> float (B, 3, H', W'), the eval transform.
+        num_classes: K.
+        label_smoothing: of the reported loss (the training loss on unmixed batches).
+        amp_dtype: autocast dtype, or None.
+        dist: the process group's context, or None for one process.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # n, top-1, top-5
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    bins = torch.zeros(3, 15, dtype=torch.float64)
+    for images, labels in batches:
+        x = normalize(images)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()  # (B, K)
+        loss_sum += F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum").double()
+        c1, c5 = topk_correct(logits, labels, (1, 5))
+        counts += torch.stack([torch.tensor(labels.numel(), device=device), c1, c5])
+        probs = logits.softmax(dim=1)
+        confidence, pred = probs.max(dim=1)  # (B,), (B,)
+        confusion += confusion_matrix(pred, labels, num_classes)
+        bins += calibration_bins(confidence, pred == labels)
+    sums = torch.cat([loss_sum.reshape(1), counts.double(), confusion.flatten().double()])
+    all_reduce_(sums, dist)
+    bins = all_reduce_(bins.to(device), dist).cpu()
+    n, c1, c5 = (int(v) for v in sums[1:4].tolist())
+    return EvalResult(
+        n=n,
+        loss_sum=float(sums[0]),
+        correct1=c1,
+        correct5=c5,
+        confusion=sums[4:].round().long().reshape(num_classes, num_classes).cpu(),  # (K, K)
+        bins=bins,
+    )
 
 
 class LoadedModel:
@@ -30,13 +131,10 @@ class LoadedModel:
         config: its TrainConfig.
         class_names / class_ids: label order.
         image_size: side of the cache images it was trained on (predict resizes images to it).
-        eval_size: input side of the model, or None when it equals image_size.
+        eval_size: (H, W) of the model's input, or None when it is the stored image size.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", ema: bool = False) -> None:
-        from tinyswin.data.augment import build_augment
-        from tinyswin.model import SwinConfig, SwinTransformer
-
         self.path = Path(path)
         ckpt = load_checkpoint(self.path)
         self.checkpoint = ckpt
@@ -59,9 +157,7 @@ class LoadedModel:
         self.class_names: list[str] = list(ckpt["class_names"])
         self.class_ids: list[str] = list(ckpt.get("class_ids") or self.class_names)
         self.image_size = int(ckpt["image_size"])
-        size = self.model_config.img_size
-        side = size if isinstance(size, int) else size[0]
-        self.eval_size = None if side == self.image_size else side
+        self.eval_size = eval_size(self.model_config, self.image_size)
         norm = ckpt["normalization"]
         self.augment = build_augment(
             build_augment_config(self.config), tuple(norm["mean"]), tuple(norm["std"]), len(self.class_names)
@@ -102,12 +198,19 @@ def evaluate_checkpoint(
     Raises:
         ValueError: the data's class list differs from the checkpoint's, or the split is missing.
     """
-    from tinyswin.data import BatchLoader, load_cache
-
     loaded = LoadedModel(path, device=device, ema=ema)
     cfg = loaded.config
     source = data if data is not None else cfg.data.source
-    cache = load_cache(resolve_data(source, cfg, log, progress=progress))
+    cache = load_cache(
+        resolve_data(
+            source,
+            size=cfg.data.size,
+            holdout=cfg.data.holdout,
+            holdout_seed=cfg.data.holdout_seed,
+            log=log,
+            progress=progress,
+        )
+    )
     check_compatible(loaded.checkpoint, class_names=cache.class_names, source=str(path))
     images, labels = cache.split(split)  # raises, listing the splits, if there is no such split
     loader = BatchLoader(
@@ -145,8 +248,6 @@ def load_images(paths: Sequence[str | os.PathLike[str]], size: int) -> np.ndarra
         FileNotFoundError: a file is missing.
         ValueError: a file is not a readable image.
     """
-    from tinyswin.data.imagefolder import decode_image
-
     out = []
     for p in paths:
         p = Path(p)

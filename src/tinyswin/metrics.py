@@ -71,16 +71,3 @@ def ece_from_bins(bins: torch.Tensor) -> float:
     if n == 0:
         return 0.0
     return ((bins[1] - bins[2]).abs().sum() / n).item()
-
-
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error with `n_bins` equal-width confidence bins (Guo et al. 2017).
-
-    ECE = sum over bins b of |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|.
-
-    Args:
-        confidence: (N,) max softmax probability of each sample.
-        correct: (N,) bool, whether the top-1 prediction was right.
-        n_bins: number of bins.
-    """
-    return ece_from_bins(calibration_bins(confidence, correct, n_bins))

@@ -93,6 +93,36 @@ def schedule_lr(
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def lr_at_step(
+    step: int,
+    segments: list[dict[str, Any]],
+    *,
+    peak_lr: float,
+    iters_per_epoch: int,
+    warmup_start: float,
+    min_lr: float,
+) -> float:
+    """The learning rate of optimizer step `step` (0-based) under a schedule that changed over time.
+
+    Args:
+        step: the step.
+        segments: `{"from_step", "epochs", "warmup_epochs", "per_iteration"}` in order of `from_step`, the
+            first from 0: each holds from its step until the next one's (`WarmupCosine.segments`).
+        peak_lr, warmup_start, min_lr: see `schedule_lr`.
+        iters_per_epoch: optimizer steps per epoch.
+    """
+    seg = next(s for s in reversed(segments) if s["from_step"] <= step)
+    t = step / iters_per_epoch if seg["per_iteration"] else float(step // iters_per_epoch)
+    return schedule_lr(
+        t,
+        peak_lr,
+        epochs=seg["epochs"],
+        warmup_epochs=seg["warmup_epochs"],
+        warmup_start=warmup_start,
+        min_lr=min_lr,
+    )
+
+
 class WarmupCosine:
     """Warm-up + cosine schedule defined in epochs and applied every iteration (or every epoch).
 
@@ -130,16 +160,32 @@ class WarmupCosine:
         self.min_lr = min_lr
         self.per_iteration = per_iteration
         self.steps = 0
+        self.segments: list[dict[str, Any]] = []  # the schedule's changes, see `lr_at_step`
+        self._record_segment()
         self._apply()
 
+    def _segment(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "warmup_epochs": self.warmup_epochs,
+            "per_iteration": self.per_iteration,
+        }
+
+    def _record_segment(self) -> None:
+        """Note the current schedule as holding from the current step on (replacing one from that step)."""
+        if self.segments and {k: self.segments[-1][k] for k in self._segment()} == self._segment():
+            return
+        if self.segments and self.segments[-1]["from_step"] == self.steps:
+            self.segments.pop()
+        self.segments.append({"from_step": self.steps if self.segments else 0, **self._segment()})
+
     def lr_at(self, step: int) -> float:
-        """The learning rate used by optimizer step number `step` (0-based)."""
-        t = step / self.iters_per_epoch if self.per_iteration else float(step // self.iters_per_epoch)
-        return schedule_lr(
-            t,
-            self.peak_lr,
-            epochs=self.epochs,
-            warmup_epochs=self.warmup_epochs,
+        """The learning rate optimizer step number `step` (0-based) takes under the current schedule."""
+        return lr_at_step(
+            step,
+            [{"from_step": 0, **self._segment()}],
+            peak_lr=self.peak_lr,
+            iters_per_epoch=self.iters_per_epoch,
             warmup_start=self.warmup_start,
             min_lr=self.min_lr,
         )
@@ -164,6 +210,7 @@ class WarmupCosine:
         self.warmup_epochs = warmup_epochs
         if per_iteration is not None:
             self.per_iteration = per_iteration
+        self._record_segment()
         self._apply()
 
     def state_dict(self) -> dict[str, Any]:
@@ -177,9 +224,13 @@ class WarmupCosine:
             "warmup_start": self.warmup_start,
             "min_lr": self.min_lr,
             "per_iteration": self.per_iteration,
+            "segments": [dict(seg) for seg in self.segments],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state["steps"]` (the other parameters come from the config)."""
+        """Continue from `state["steps"]` (the other parameters come from the config; a schedule that differs
+        from the saved one holds from this step on)."""
         self.steps = int(state["steps"])
+        self.segments = [dict(seg) for seg in state.get("segments", [])]
+        self._record_segment()
         self._apply()

@@ -11,9 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from tinyswin.optim import lr_at_step
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -101,7 +102,6 @@ def plot_run(run_dir: str | os.PathLike[str]) -> list[Path]:
             "val_top5": "val top-5",
             "holdout_top1": "holdout top-1",
             "ema_val_top1": "val top-1 (EMA)",
-            "train_top1": "train top-1 (augmented batches)",
         }
     )
     acc = {k: (x, [None if v is None else 100.0 * v for v in y]) for k, (x, y) in acc.items()}
@@ -109,7 +109,7 @@ def plot_run(run_dir: str | os.PathLike[str]) -> list[Path]:
         plot_curves(loss, out / "loss.png", xlabel="epoch", ylabel="loss", title="Loss"),
         plot_curves(acc, out / "accuracy.png", xlabel="epoch", ylabel="accuracy (%)", title="Accuracy"),
         plot_curves(
-            {**_schedule_curve(run_dir, records), **cols({"lr": "at the end of each epoch"})},
+            {**schedule_curve(records), **cols({"lr": "at the end of each epoch"})},
             out / "lr.png",
             xlabel="epoch",
             ylabel="learning rate",
@@ -118,36 +118,31 @@ def plot_run(run_dir: str | os.PathLike[str]) -> list[Path]:
     ]
 
 
-def _schedule_curve(
-    run_dir: Path, records: list[dict[str, Any]]
-) -> dict[str, tuple[list[float], list[float]]]:
-    """The whole planned schedule, step by step, from `config.yaml` (empty if it cannot be read)."""
-    from tinyswin.config import from_dict
-    from tinyswin.optim import schedule_lr
+def schedule_curve(records: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+    """The learning rate of every step (at most ~500 points), as the scheduler set it: each schedule the run
+    followed over the steps it held, then the last one to its planned end (empty without a recorded schedule).
 
-    path = run_dir / "config.yaml"
-    if not records or not path.is_file():
+    Returns:
+        {"schedule (per step)": (epochs, learning rates)}.
+    """
+    recorded = [r["lr_schedule"] for r in records if "lr_schedule" in r]
+    if not recorded:
         return {}
-    try:
-        cfg = from_dict(yaml.safe_load(path.read_text()), str(path))
-    except (ValueError, yaml.YAMLError):
-        return {}
-    sched = cfg.schedule
-    iters = max(1, round(records[-1]["step"] / records[-1]["epoch"]))
-    total = int(sched.epochs * iters)
+    schedule = recorded[-1]
+    iters = schedule["iters_per_epoch"]
+    planned = int(schedule["segments"][-1]["epochs"] * iters)
+    total = max(planned, int(records[-1]["step"]))
     stride = max(1, total // 500)
-    xs, ys = [], []
-    for step in range(0, total + 1, stride):
-        t = step / iters if sched.step == "iteration" else float(step // iters)
-        xs.append(step / iters)
-        ys.append(
-            schedule_lr(
-                t,
-                cfg.peak_lr(),
-                epochs=sched.epochs,
-                warmup_epochs=sched.warmup_epochs,
-                warmup_start=sched.warmup_start,
-                min_lr=sched.min_lr,
-            )
+    steps = list(range(0, total + 1, stride))
+    rates = [
+        lr_at_step(
+            step,
+            schedule["segments"],
+            peak_lr=schedule["peak_lr"],
+            iters_per_epoch=iters,
+            warmup_start=schedule["warmup_start"],
+            min_lr=schedule["min_lr"],
         )
-    return {"schedule (per step)": (xs, ys)}
+        for step in steps
+    ]
+    return {"schedule (per step)": ([step / iters for step in steps], rates)}

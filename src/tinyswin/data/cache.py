@@ -53,6 +53,7 @@ from tinyswin.data.imagefolder import (
     plan_imagefolder,
 )
 from tinyswin.data.tinyimagenet import is_tinyimagenet, plan_tinyimagenet
+from tinyswin.version import __version__
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -206,12 +207,6 @@ def stats_from_histogram(hist: np.ndarray) -> tuple[list[float], list[float]]:
     return [float(m) for m in mean], [float(s) for s in np.sqrt(var)]
 
 
-def _tinyswin_version() -> str:
-    from tinyswin import __version__
-
-    return __version__
-
-
 def _class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return [int(c) for c in np.bincount(labels, minlength=num_classes)]
 
@@ -304,7 +299,7 @@ def _base_meta(
     mean, std = stats_from_histogram(train_hist)
     return {
         "format_version": FORMAT_VERSION,
-        "tinyswin_version": _tinyswin_version(),
+        "tinyswin_version": __version__,
         "source": source,
         "source_kind": source_kind,
         "source_digest": source_digest,

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyswin.data.cache import is_cache, write_cache
+from tinyswin.paths import cache_root
+
 CLASS_NAMES = (
     "disc",
     "ring",
@@ -116,14 +119,11 @@ def ensure_synthetic(
     val_per_class: int = 50,
     seed: int = 0,
 ) -> Path:
-    """The built-in dataset as a cache under `root` (default: `tinyswin.config.cache_root()`), written once.
+    """The built-in dataset as a cache under `root` (default: `tinyswin.paths.cache_root()`), written once.
 
     Returns:
         The cache folder (reused when it already exists).
     """
-    from tinyswin.config import cache_root
-    from tinyswin.data import is_cache, write_cache
-
     root = Path(root) if root is not None else cache_root()
     name = f"synthetic-v{VERSION}-{size}px-{train_per_class}x{val_per_class}-seed{seed}"
     path = root / name

@@ -1,0 +1,90 @@
+"""Where a run computes: its place among the processes, its device and precision, and the collectives.
+
+`DistContext` says which rank this process is among how many (`tinyswin.distributed` builds it from
+torchrun's environment). With one process every collective here is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands among the processes of one training run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the files and prints."""
+        return self.rank == 0
+
+
+def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
+    """'auto' -> cuda (this process's local GPU) when available, else cpu; anything else as given."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank if dist else torch.cuda.current_device())
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool, str | None]:
+    """The autocast dtype (None = fp32), whether a GradScaler is needed, and a note when a request is changed.
+
+    'auto': bf16 on CUDA where supported, else fp16 with a GradScaler; fp32 on CPU. 'fp16' on CPU runs fp32
+    (fp16 with loss scaling is a CUDA recipe; CPU autocast is bf16), with a note.
+    """
+    if precision == "fp32":
+        return None, False, None
+    if device.type == "cuda":
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if precision == "bf16":
+            return torch.bfloat16, False, None
+        return torch.float16, True, None
+    if precision == "bf16":
+        return torch.bfloat16, False, None
+    if precision == "fp16":
+        return None, False, "precision=fp16 is for CUDA; running fp32 on the CPU"
+    return None, False, None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """torch.autocast for `dtype`, or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def all_reduce_(tensor: torch.Tensor, dist: DistContext | None) -> torch.Tensor:
+    """In place: the sum of `tensor` over all processes (unchanged with one process)."""
+    if dist is not None and dist.world_size > 1:
+        tdist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_from_rank0(tensor: torch.Tensor, dist: DistContext, device: torch.device) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank (through `device`, which the backend needs), returned on the CPU."""
+    if dist.world_size == 1:
+        return tensor
+    on_device = tensor.to(device)
+    tdist.broadcast(on_device, src=0)
+    return on_device.cpu()
+
+
+def barrier(dist: DistContext) -> None:
+    """Wait for every process (no-op with one)."""
+    if dist.world_size > 1:
+        tdist.barrier()
