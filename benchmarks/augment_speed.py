@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 from tinyswin.data import augment_native
@@ -65,8 +66,6 @@ def synthetic_jpegs(count: int, size: int = 64, seed: int = 0) -> list[bytes]:
 
 def notebook_transform():
     """The notebook's training transform, image by image (torchvision v1 transforms on PIL images)."""
-    import torchvision.transforms as T
-
     return T.Compose(
         [
             T.RandomResizedCrop(64, scale=(0.9, 1.0)),

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op
@@ -240,6 +241,19 @@ def test_normalize_eval_path_matches_to_tensor_and_normalize() -> None:
     assert torch.allclose(aug.normalize(imgs, size=48), ref48, atol=1e-5)
 
 
+def test_normalize_eval_path_takes_a_height_and_width() -> None:
+    imgs = smooth_images(6, size=32)
+    aug = build_augment("seed", MEAN, STD, 10)
+    out = aug.normalize(imgs.permute(0, 2, 3, 1), size=(24, 32))
+    assert out.shape == (6, 3, 24, 32)
+    resized = geo.resize(imgs.float(), (24, 32), aug.config.interpolation)  # (6, 3, 24, 32) whole numbers
+    assert torch.equal(out, aug.normalize(resized.to(torch.uint8)))
+    ref = torch.stack([TF.resize(img, [24, 32], antialias=True) for img in imgs])
+    assert torch.allclose(
+        out, torch.stack([TF.normalize(img.float() / 255.0, MEAN, STD) for img in ref]), atol=1e-5
+    )
+
+
 # -------------------------------------------------------------------------------------- distributions
 
 
@@ -268,8 +282,6 @@ def test_randaugment_op_choices_signs_and_magnitudes_follow_the_configuration() 
 
 
 def test_crop_and_erasing_boxes_follow_torchvisions_distribution() -> None:
-    import torchvision.transforms as T
-
     n = 3000
     g = torch.Generator().manual_seed(9)
     ours = geo.sample_resized_crop(n, 64, 64, (0.35, 1.0), (3 / 4, 4 / 3), g)

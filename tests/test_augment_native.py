@@ -9,6 +9,7 @@ the whole pipeline with and without the kernels, the fallback, and the build cac
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import warnings
 
@@ -18,9 +19,11 @@ import torchvision.transforms.functional as TF
 
 from imagegen import smooth_images
 from tinyswin.data import augment_geometry as geo
+from tinyswin.data import augment_mix as mixing
 from tinyswin.data import augment_native as native
 from tinyswin.data import augment_policy as policy
-from tinyswin.data.augment import augment_preset, build_augment
+from tinyswin.data.augment import AugmentConfig, augment_preset, build_augment
+from tinyswin.data.augment_backend import EagerBackend, NativeBackend
 
 MEAN = (0.4802, 0.4481, 0.3975)
 STD = (0.2296, 0.2263, 0.2255)
@@ -100,7 +103,8 @@ def test_randaugment_kernel_equals_the_eager_ops(
     params = policy.sample_randaugment(len(imgs), 3, magnitude, 31, std, size, size, g)
     drawn = set(params.ops.flatten().tolist())
     assert len(drawn) == 14
-    ours = policy.randaugment_(imgs.clone(), params, interpolation, kernels)
+    backend = NativeBackend(AugmentConfig(randaug_interpolation=interpolation), kernels)
+    ours = backend.randaugment(imgs.clone(), params)
     eager = policy.randaugment_(imgs.clone(), params, interpolation)
     assert torch.equal(ours, eager)
 
@@ -166,6 +170,38 @@ def test_pad_crop_and_bicubic_recipes_fall_back_to_the_eager_crop_and_agree(kern
         assert torch.equal(x1, x2)
 
 
+def test_the_backend_is_chosen_once_per_device_type(kernels) -> None:
+    cpu = torch.device("cpu")
+    fast = build_augment("seed", MEAN, STD, 10)
+    assert isinstance(fast.backend(cpu), NativeBackend) and fast.backend(cpu) is fast.backend(cpu)
+    assert type(build_augment("seed", MEAN, STD, 10, native=False).backend(cpu)) is EagerBackend
+    assert type(fast.backend(torch.device("cuda"))) is EagerBackend  # the kernels run CPU batches only
+    copy = pickle.loads(pickle.dumps(fast))  # the backends are not pickled; the copy chooses its own
+    assert isinstance(copy.backend(cpu), NativeBackend) and copy.backend(cpu) is not fast.backend(cpu)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"randaug_interpolation": "bilinear"},  # native crop, eager warps, native pixel ops
+        {"mix_per_sample": True, "mixup_p": 0.5, "cutmix_p": 0.5},  # eager per-sample mixing
+        {"crop": "none", "out_size": None, "erase_value": (0.5, -1.0, 2.0)},  # flip without a crop
+        {"randaug_ops": 0, "jitter_hue": 0.0, "jitter_brightness": 0.0, "jitter_contrast": 0.0,
+         "jitter_saturation": 0.0},  # fused crop and Normalize only
+    ],
+)  # fmt: skip
+def test_native_backend_falls_back_step_by_step_and_agrees(kernels, overrides) -> None:
+    imgs = smooth_images(24, size=64).permute(0, 2, 3, 1).contiguous()
+    labels = torch.arange(24) % 10
+    config = augment_preset("seed", **overrides)
+    for seed in range(2):
+        x1, t1 = build_augment(config, MEAN, STD, 10)(imgs, labels, torch.Generator().manual_seed(seed))
+        x2, t2 = build_augment(config, MEAN, STD, 10, native=False)(
+            imgs, labels, torch.Generator().manual_seed(seed)
+        )
+        assert torch.equal(x1, x2) and torch.equal(t1, t2)
+
+
 def test_kernels_refuse_batches_they_cannot_take(kernels) -> None:
     x = torch.zeros(2, 3, 8, 8)
     with pytest.raises(ValueError, match="contiguous float32"):
@@ -201,8 +237,7 @@ def test_build_is_cached_and_atomic_and_a_missing_compiler_falls_back(kernels, t
 
 @pytest.mark.parametrize("mode", [1, 2])
 def test_mix_kernel_equals_the_eager_mix_for_any_partner_permutation(kernels, mode) -> None:
-    from tinyswin.data import augment_mix as mixing
-
+    backend = NativeBackend(AugmentConfig(), kernels)
     g = torch.Generator().manual_seed(mode)
     x = torch.randn(12, 3, 16, 16, generator=g)
     labels = torch.arange(12) % 5
@@ -214,7 +249,7 @@ def test_mix_kernel_equals_the_eager_mix_for_any_partner_permutation(kernels, mo
         params = mixing.sample_mix(12, 16, 16, float(mode == 1), 0.4, 1.0, 0.8, g)
         assert int(params.mode[0]) == mode
         params.partner = partner
-        ours, t1 = mixing.mix_(x.clone(), labels, params, 5, 0.1, kernels)
+        ours, t1 = backend.mix(x.clone(), labels, params, 5, 0.1)
         eager, t2 = mixing.mix_(x.clone(), labels, params, 5, 0.1)
         assert torch.equal(ours, eager) and torch.equal(t1, t2)
         lam = float(params.lam[0])

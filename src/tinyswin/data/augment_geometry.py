@@ -38,7 +38,6 @@ __all__ = [
     "resized_crop",
     "sample_pad_crop",
     "sample_resized_crop",
-    "translate",
     "translate_",
     "upsamples_exactly",
     "warp_affine",
@@ -443,8 +442,3 @@ def translate_(x: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
             ]
         x.index_copy_(0, idx, moved)
     return x
-
-
-def translate(x: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
-    """Shift each sample by whole pixels with zero fill (see ``translate_``); returns a new batch."""
-    return translate_(x.clone(), dx, dy)

@@ -1,7 +1,7 @@
 """Random erasing and Mixup / CutMix on normalized float batches, with soft targets.
 
 Parameters are drawn on the CPU with a ``torch.Generator`` (``sample_*``) and applied to a batch on any
-device (``erase``, ``mix``).
+device, in place (``erase_``, ``mix_``).
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinyswin.data.augment_native import NativeKernels
-
 __all__ = [
     "EraseParams",
     "MixParams",
-    "erase",
     "erase_",
-    "mix",
     "mix_",
+    "mix_targets",
     "sample_beta",
     "sample_erasing",
     "sample_mix",
@@ -165,11 +162,6 @@ def erase_(
     return x
 
 
-def erase(x: Tensor, params: EraseParams, value: float | tuple[float, ...] = 0.0) -> Tensor:
-    """Fill each chosen sample's box with its noise or ``value`` (see ``erase_``); returns a new batch."""
-    return erase_(x.contiguous().clone(), params, value)
-
-
 def sample_beta(alpha: float, n: int, generator: torch.Generator) -> Tensor:
     """``n`` draws of Beta(alpha, alpha) from two Gamma draws, float64 CPU ``(n,)``.
 
@@ -284,13 +276,57 @@ def soft_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> Te
     return onehot * (1.0 - smoothing) + smoothing / num_classes
 
 
+def mix_targets(labels: Tensor, params: MixParams, num_classes: int, smoothing: float = 0.0) -> Tensor:
+    """Soft targets of a mixed batch: ``lam * y + (1 - lam) * y[partner]`` with smoothed one-hot ``y``.
+
+    Args:
+        labels: ``(N,)`` int64.
+        params: draws from ``sample_mix``.
+        num_classes: K.
+        smoothing: label smoothing folded into both one-hot vectors.
+
+    Returns:
+        ``(N, K)`` float32 on ``labels``' device, rows summing to 1.
+    """
+    partner = params.partner.to(labels.device)
+    targets = soft_targets(labels, num_classes, smoothing)
+    lam = params.lam.to(device=labels.device, dtype=torch.float32).unsqueeze(1)  # (N, 1)
+    return targets * lam + targets.index_select(0, partner) * (1.0 - lam)
+
+
+def _mix_batch_(x: Tensor, params: MixParams) -> Tensor:
+    """In place: one mode, lambda and box for the whole batch (per-batch ``MixParams``)."""
+    mode = int(params.mode[0])
+    partner = params.partner.to(x.device)
+    if mode == MIX_MIXUP:
+        lam = float(params.lam[0])
+        other = x.index_select(0, partner).mul_(1.0 - lam)  # before x changes
+        x.mul_(lam).add_(other)
+    elif mode == MIX_CUTMIX:
+        y1, y2, x1, x2 = params.box[0].tolist()
+        x[:, :, y1:y2, x1:x2] = x[:, :, y1:y2, x1:x2].index_select(0, partner)
+    return x
+
+
+def _mix_per_sample_(x: Tensor, params: MixParams) -> Tensor:
+    """In place: each sample's own mode, lambda and box, as one ``lerp`` towards the partners' pixels."""
+    n, _, h, w = x.shape
+    dev = x.device
+    # weight of the partner's pixel: 1 - lambda (Mixup), 1 inside the box (CutMix), 0 (none)
+    rows = torch.arange(h).view(1, h)
+    cols = torch.arange(w).view(1, w)
+    y1, y2, x1, x2 = params.box.unbind(1)
+    in_rows = ((rows >= y1.view(n, 1)) & (rows < y2.view(n, 1))).to(x.dtype)  # (N, H)
+    in_cols = ((cols >= x1.view(n, 1)) & (cols < x2.view(n, 1))).to(x.dtype)  # (N, W)
+    is_cut = (params.mode == MIX_CUTMIX).to(x.dtype).view(n, 1, 1)
+    blend = torch.where(params.mode == MIX_MIXUP, 1.0 - params.lam, 0.0).to(x.dtype).view(n, 1, 1)
+    in_box = in_rows.to(dev).unsqueeze(2) * in_cols.to(dev).unsqueeze(1)  # (N, H, W)
+    weight = in_box.mul_(is_cut.to(dev)).add_(blend.to(dev)).unsqueeze(1)  # (N, 1, H, W)
+    return x.lerp_(x.index_select(0, params.partner.to(dev)), weight)
+
+
 def mix_(
-    x: Tensor,
-    labels: Tensor,
-    params: MixParams,
-    num_classes: int,
-    smoothing: float = 0.0,
-    kernels: NativeKernels | None = None,
+    x: Tensor, labels: Tensor, params: MixParams, num_classes: int, smoothing: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """In place: blend in (Mixup) or paste a box of (CutMix) each sample's partner; mix the targets alike.
 
@@ -302,44 +338,10 @@ def mix_(
         params: draws from ``sample_mix``.
         num_classes: K.
         smoothing: label smoothing folded into the soft targets.
-        kernels: native CPU kernels: per-batch mixing of a CPU batch in place, without a copy of the batch.
 
     Returns:
         ``(x, targets)``: ``x`` and ``(N, K)`` float32 soft targets summing to 1.
     """
-    n, _, h, w = x.shape
-    dev = x.device
-    partner = params.partner.to(dev)
-    targets = soft_targets(labels, num_classes, smoothing)
-    lam = params.lam.to(device=dev, dtype=torch.float32).unsqueeze(1)  # (N, 1)
-    targets = targets * lam + targets.index_select(0, partner) * (1.0 - lam)
-    mode = int(params.mode[0])
-    if not params.per_sample and mode != MIX_NONE and kernels is not None and x.device.type == "cpu":
-        kernels.mix_batch_(x, params.partner, mode, float(params.lam[0]), tuple(params.box[0].tolist()))
-    elif not params.per_sample and mode == MIX_MIXUP:
-        lam = float(params.lam[0])
-        other = x.index_select(0, partner).mul_(1.0 - lam)  # before x changes
-        x.mul_(lam).add_(other)
-    elif not params.per_sample and mode == MIX_CUTMIX:
-        y1, y2, x1, x2 = params.box[0].tolist()
-        x[:, :, y1:y2, x1:x2] = x[:, :, y1:y2, x1:x2].index_select(0, partner)
-    elif params.per_sample:
-        # weight of the partner's pixel: 1 - lambda (Mixup), 1 inside the box (CutMix), 0 (none)
-        rows = torch.arange(h).view(1, h)
-        cols = torch.arange(w).view(1, w)
-        y1, y2, x1, x2 = params.box.unbind(1)
-        in_rows = ((rows >= y1.view(n, 1)) & (rows < y2.view(n, 1))).to(x.dtype)  # (N, H)
-        in_cols = ((cols >= x1.view(n, 1)) & (cols < x2.view(n, 1))).to(x.dtype)  # (N, W)
-        is_cut = (params.mode == MIX_CUTMIX).to(x.dtype).view(n, 1, 1)
-        blend = torch.where(params.mode == MIX_MIXUP, 1.0 - params.lam, 0.0).to(x.dtype).view(n, 1, 1)
-        in_box = in_rows.to(dev).unsqueeze(2) * in_cols.to(dev).unsqueeze(1)  # (N, H, W)
-        weight = in_box.mul_(is_cut.to(dev)).add_(blend.to(dev)).unsqueeze(1)  # (N, 1, H, W)
-        x.lerp_(x.index_select(0, partner), weight)
+    targets = mix_targets(labels, params, num_classes, smoothing)
+    x = _mix_per_sample_(x, params) if params.per_sample else _mix_batch_(x, params)
     return x, targets
-
-
-def mix(
-    x: Tensor, labels: Tensor, params: MixParams, num_classes: int, smoothing: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """Mixup / CutMix of a batch and its targets (see ``mix_``); returns a new batch."""
-    return mix_(x.clone(), labels, params, num_classes, smoothing)

@@ -6,7 +6,7 @@ ops over the batch. ``augment_kernels.c`` does the same arithmetic pixel by pixe
 it is in cache: the bilinear RandomResizedCrop (reading the uint8 batch directly), the RandAugment ops (warps
 included), ColorJitter and Normalize, all in one call (``augment``) or stage by stage; and per-batch
 Mixup/CutMix in place (``mix_batch_``). Results are bit for bit those of the eager ops
-(tests/test_augment_native.py).
+(tests/test_augment_native.py). ``augment_backend.NativeBackend`` decides which steps run here.
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``<cache_root>/kernels/`` under a name derived from the source and flags, written atomically, and loaded
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from tinyswin.paths import cache_root
 
 __all__ = ["NativeKernels", "load"]
 
@@ -323,6 +325,4 @@ def load() -> NativeKernels | None:
     """The compiled kernels (built on first use), or None with ``TINYSWIN_NATIVE=0`` or without a compiler."""
     if os.environ.get("TINYSWIN_NATIVE", "1") == "0":
         return None
-    from tinyswin.config import cache_root
-
     return _load_cached(str(cache_root() / "kernels"))

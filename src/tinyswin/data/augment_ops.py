@@ -7,9 +7,10 @@ on a uint8 tensor: the same float32 arithmetic, the same clamping, and the same 
 (truncation for blends, rounding for the sharpness filter). None of them loops over samples: per-sample
 parameters are broadcast as ``(N, 1, 1, 1)`` tensors and histograms are built for the whole batch at once.
 
-Each op comes in two forms: ``op(x, ...)`` returns a new batch; ``op_(x, ...)`` (PyTorch's trailing
-underscore convention) overwrites ``x`` and returns it. The in-place forms exist for speed: on a CPU,
-fresh memory for every intermediate costs more than the arithmetic, so they keep temporaries few.
+Each op comes in two forms: ``op_(x, ...)`` (PyTorch's trailing underscore convention) overwrites ``x`` and
+returns it, and is what the pipeline runs (on a CPU, fresh memory for every intermediate costs more than
+the arithmetic, so the in-place forms keep temporaries few); ``op(x, ...)`` returns a new batch, the form
+the parity tests compare with torchvision.
 
 Per-sample factors may be float64: blends use ``float32(f)`` and ``float32(1 - f)`` computed in float64,
 which is what torchvision does with a Python float factor. Masks are float 0/1 arithmetic on whole
@@ -34,7 +35,6 @@ __all__ = [
     "adjust_sharpness_",
     "autocontrast",
     "autocontrast_",
-    "blend",
     "complement",
     "equalize",
     "equalize_",
@@ -73,20 +73,6 @@ def grayscale(x: Tensor, out: Tensor | None = None) -> Tensor:
     gray.add_(term)
     gray.add_(torch.mul(b, 0.114, out=term))
     return gray.floor_().unsqueeze(1)
-
-
-def blend(img1: Tensor, img2: Tensor, ratio: Tensor) -> Tensor:
-    """``ratio * img1 + (1 - ratio) * img2``, clamped to [0, 255] and truncated (torchvision ``_blend``).
-
-    Args:
-        img1: ``(N, 3, H, W)`` float32 in [0, 255].
-        img2: anything broadcastable to ``img1`` (``(N, 1, H, W)``, ``(N, 1, 1, 1)``, ...).
-        ratio: ``(N,)`` blend factors (float64 for bit-exact agreement with torchvision).
-
-    Returns:
-        ``(N, 3, H, W)`` float32 whole numbers.
-    """
-    return _blend_(img1.clone(), img2 * complement(ratio, img1), ratio)
 
 
 def _blend_(img1: Tensor, weighted2: Tensor, ratio: Tensor) -> Tensor:

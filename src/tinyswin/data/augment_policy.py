@@ -19,7 +19,6 @@ from torch import Tensor
 
 from tinyswin.data import augment_ops as ops
 from tinyswin.data.augment_geometry import affine_grid_parts, randaugment_affine, translate_, warp_affine
-from tinyswin.data.augment_native import NativeKernels
 
 __all__ = [
     "COLOR_JITTER_OPS",
@@ -28,6 +27,8 @@ __all__ = [
     "RandAugmentParams",
     "apply_randaugment_op",
     "color_jitter_",
+    "geometric_slot_",
+    "pixel_slot_",
     "randaugment_",
     "randaugment_values",
     "randaugment_warps",
@@ -55,6 +56,9 @@ RANDAUGMENT_OPS = (
 _SIGNED = frozenset(RANDAUGMENT_OPS[1:10])
 _GEOMETRIC = frozenset(RANDAUGMENT_OPS[1:6])
 _WARPED = frozenset(("ShearX", "ShearY", "Rotate"))  # the geometric ops that resample (Translate shifts)
+_IS_WARPED = torch.tensor([name in _WARPED for name in RANDAUGMENT_OPS])  # (14,) bool, by op index
+_IS_SHIFT_X = torch.tensor([name == "TranslateX" for name in RANDAUGMENT_OPS])
+_IS_SHIFT_Y = torch.tensor([name == "TranslateY" for name in RANDAUGMENT_OPS])
 COLOR_JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 _BLEND_ROWS = 64  # samples per blend pass on a CPU: about 3 MB of float32 64x64 images, cache-sized
 
@@ -233,69 +237,80 @@ def randaugment_warps(params: RandAugmentParams, height: int, width: int) -> tup
         the ``(W,)``, ``(H,)`` grid bases (see ``augment_geometry.affine_grid_parts``).
     """
     n, slots = params.ops.shape
-    warped = torch.tensor([name in _WARPED for name in RANDAUGMENT_OPS])
-    flat_ops, flat_values = params.ops.reshape(-1), params.values.reshape(-1)
-    idx = warped[flat_ops].nonzero().squeeze(1)
+    flat_ops, flat_values = params.ops.reshape(-1), params.values.reshape(-1)  # (N * S,)
+    idx = _IS_WARPED[flat_ops].nonzero().squeeze(1)
     names = [RANDAUGMENT_OPS[k] for k in flat_ops[idx].tolist()]
     theta = randaugment_affine(names, flat_values[idx], height, width)  # (M, 2, 3)
     rescaled, xs, ys = affine_grid_parts(theta, height, width)
     matrices = torch.zeros(n * slots, 3, 2).index_copy_(0, idx, rescaled)
-    return matrices.view(n, slots, 3, 2), xs, ys
+    return matrices.view(n, slots, 3, 2), xs, ys  # (N * S, 3, 2) -> (N, S, 3, 2)
 
 
-def randaugment_(
-    x: Tensor,
-    params: RandAugmentParams,
-    interpolation: str = "nearest",
-    kernels: NativeKernels | None = None,
-) -> Tensor:
-    """Apply each sample's RandAugment ops in order, in place.
+def geometric_slot_(x: Tensor, column: Tensor, values: Tensor, interpolation: str = "nearest") -> Tensor:
+    """In place: the geometric ops (ShearX, ShearY, Rotate, TranslateX, TranslateY) of one op slot.
 
-    For each op slot, the samples that drew a geometric op are warped together (one ``grid_sample`` with
-    per-sample matrices), and the samples of each pixel op are gathered, transformed and written back (or,
-    with ``kernels`` and a CPU batch, transformed in place by one native call for the whole slot).
+    The samples that drew a warp are warped together (one ``grid_sample`` with per-sample matrices); the
+    translations shift by whole pixels.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255], contiguous; overwritten.
+        column: ``(N,)`` int64 indices into ``RANDAUGMENT_OPS`` (one slot of ``RandAugmentParams.ops``).
+        values: ``(N,)`` float64 signed op arguments.
+        interpolation: 'nearest' or 'bilinear' for the warps.
+
+    Returns:
+        ``x``.
+    """
+    height, width = x.shape[-2:]
+    idx = _IS_WARPED[column].nonzero().squeeze(1)
+    if idx.numel():
+        names = [RANDAUGMENT_OPS[k] for k in column[idx].tolist()]
+        theta = randaugment_affine(names, values[idx], height, width)
+        dev_idx = idx.to(x.device)
+        x.index_copy_(0, dev_idx, warp_affine(x.index_select(0, dev_idx), theta, interpolation))
+    pixels = torch.trunc(values).to(torch.int64)  # torchvision: translate=[int(magnitude), 0]
+    dx = torch.where(_IS_SHIFT_X[column], pixels, 0)
+    dy = torch.where(_IS_SHIFT_Y[column], pixels, 0)
+    if bool((dx != 0).any() or (dy != 0).any()):
+        translate_(x, dx, dy)
+    return x
+
+
+def pixel_slot_(x: Tensor, column: Tensor, values: Tensor) -> Tensor:
+    """In place: the pixel ops of one op slot; the samples of each op are gathered, transformed, written back.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255], contiguous; overwritten.
+        column: ``(N,)`` int64 indices into ``RANDAUGMENT_OPS``.
+        values: ``(N,)`` float64 signed op arguments.
+
+    Returns:
+        ``x``.
+    """
+    for k, idx in _groups(column, len(RANDAUGMENT_OPS)):
+        name = RANDAUGMENT_OPS[k]
+        if name == "Identity" or name in _GEOMETRIC:
+            continue
+        dev_idx = idx.to(x.device)
+        x.index_copy_(0, dev_idx, _apply_pixel_op_(x.index_select(0, dev_idx), name, values[idx]))
+    return x
+
+
+def randaugment_(x: Tensor, params: RandAugmentParams, interpolation: str = "nearest") -> Tensor:
+    """Apply each sample's RandAugment ops in order, in place: per op slot, the geometric ops, then the
+    pixel ops (``geometric_slot_``, ``pixel_slot_``).
 
     Args:
         x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255], contiguous; overwritten with the result.
         params: draws from ``sample_randaugment`` for these N samples.
         interpolation: 'nearest' or 'bilinear' for the geometric ops.
-        kernels: native CPU kernels (``augment_native.load()``), or None for the eager ops.
 
     Returns:
         ``x``.
     """
-    native = kernels is not None and x.device.type == "cpu"
-    height, width = x.shape[-2:]
-    warped = torch.tensor([name in _WARPED for name in RANDAUGMENT_OPS])
-    shift_x = torch.tensor([name == "TranslateX" for name in RANDAUGMENT_OPS])
-    shift_y = torch.tensor([name == "TranslateY" for name in RANDAUGMENT_OPS])
-    if native and interpolation == "nearest":
-        matrices, xs, ys = randaugment_warps(params, height, width)
     for slot in range(params.ops.shape[1]):
         column, values = params.ops[:, slot], params.values[:, slot]
-        if native and interpolation == "nearest":  # the whole slot, warps included, in one call
-            kernels.randaugment_slot_(x, column, values, (matrices[:, slot], xs, ys))
-            continue
-        idx = warped[column].nonzero().squeeze(1)
-        if idx.numel():
-            names = [RANDAUGMENT_OPS[k] for k in column[idx].tolist()]
-            theta = randaugment_affine(names, values[idx], height, width)
-            dev_idx = idx.to(x.device)
-            x.index_copy_(0, dev_idx, warp_affine(x.index_select(0, dev_idx), theta, interpolation))
-        pixels = torch.trunc(values).to(torch.int64)  # torchvision: translate=[int(magnitude), 0]
-        dx = torch.where(shift_x[column], pixels, 0)
-        dy = torch.where(shift_y[column], pixels, 0)
-        if bool((dx != 0).any() or (dy != 0).any()):
-            translate_(x, dx, dy)
-        if native:
-            kernels.randaugment_slot_(x, column, values)  # pixel ops; the warps are done
-            continue
-        for k, idx in _groups(column, len(RANDAUGMENT_OPS)):
-            name = RANDAUGMENT_OPS[k]
-            if name == "Identity" or name in _GEOMETRIC:
-                continue
-            dev_idx = idx.to(x.device)
-            x.index_copy_(0, dev_idx, _apply_pixel_op_(x.index_select(0, dev_idx), name, values[idx]))
+        pixel_slot_(geometric_slot_(x, column, values, interpolation), column, values)
     return x
 
 
