@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchvision import transforms as T
 
+from notebook import notebook_normalization, notebook_transform
 from tinyswin.data import BatchLoader, build_augment, is_cache, load_cache, prepare
 from tinyswin.data.augment import augment_preset
 from tinyswin.model import SwinTransformer, preset_config
@@ -45,25 +45,7 @@ from tinyswin.optim import build_adamw
 from tinyswin.paths import cache_root
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK_MEAN = (0.4802, 0.4481, 0.3975)
-NOTEBOOK_STD = (0.2296, 0.2263, 0.2255)
-
-
-def notebook_transform(
-    size: int = 64, mean: tuple[float, ...] = NOTEBOOK_MEAN, std: tuple[float, ...] = NOTEBOOK_STD
-) -> T.Compose:
-    """The notebook's per-image training transforms, in its order (design.md, 'The notebook's recipe')."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(0.9, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.RandAugment(num_ops=2, magnitude=5),
-            T.ColorJitter(0.2, 0.2, 0.2, 0.05),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-            T.RandomErasing(p=0.1, scale=(0.02, 0.2), value="random"),
-        ]
-    )
+NOTEBOOK_MEAN, NOTEBOOK_STD = notebook_normalization()
 
 
 class PilImages(torch.utils.data.Dataset):

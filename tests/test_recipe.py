@@ -250,6 +250,8 @@ def test_speedrun_end_to_end_on_cpu_over_several_calls(tmp_path: Path) -> None:
 
 
 def _load_throughput() -> ModuleType:
+    if str(ROOT / "benchmarks") not in sys.path:  # as when the script runs: its folder is on the path
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("gpu_throughput", ROOT / "benchmarks" / "gpu_throughput.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

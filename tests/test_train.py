@@ -16,22 +16,25 @@ import torch
 import yaml
 from PIL import Image
 
-from tinyswin.budget import compress_schedule, plan_budget, replan
+from tinyswin.budget import compress_schedule, plan_budget, replan, time_evaluation
 from tinyswin.checkpoint import load_checkpoint
 from tinyswin.config import (
     TrainConfig,
     apply_overrides,
     build_augment_config,
+    eval_size,
     expand,
     from_dict,
     load_config,
     to_dict,
 )
 from tinyswin.data import load_cache, write_cache
+from tinyswin.data.augment import AugmentConfig
 from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
-from tinyswin.evaluate import evaluate_checkpoint, load_images, predict
+from tinyswin.evaluate import LoadedModel, evaluate_checkpoint, load_images, predict
+from tinyswin.model import SwinConfig
 from tinyswin.optim import WarmupCosine, schedule_lr
-from tinyswin.plots import read_metrics
+from tinyswin.plots import read_metrics, schedule_curve
 from tinyswin.train import (
     DistContext,
     LoopState,
@@ -594,3 +597,97 @@ def test_budget_clock_asks_rank_0_every_few_steps_with_several_processes(monkeyp
     assert fresh() is False
     many = budget_module.BudgetClock(5.0, past, DistContext(0, 2, 0), torch.device("cpu"), every=4)
     assert [many() for _ in range(8)] == [False, False, False, True] * 2 and len(asked) == 2
+
+
+# ------------------------------------------------------------------------------- reproduction, defects
+
+
+def test_a_run_is_reproduced_from_its_config_yaml_alone(tiny_run, tmp_path: Path) -> None:
+    reference_dir, _, _ = tiny_run
+    text = (reference_dir / "config.yaml").read_text()
+    saved = yaml.safe_load(text)
+    assert {k for k in saved["model"] if k != "preset"} == {
+        f.name for f in dataclasses.fields(SwinConfig)
+    } - {"num_classes"}
+    assert {k for k in saved["augment"] if k != "preset"} == {
+        f.name for f in dataclasses.fields(AugmentConfig)
+    }
+    (tmp_path / "config.yaml").write_text(text)
+    again = tmp_path / "again"
+    train(load_config(None, tmp_path / "config.yaml"), again, progress=False, log=lambda _m: None)
+    _assert_same_run(reference_dir, again)
+    assert (again / "config.yaml").read_text() == text
+
+
+def test_holdout_split_has_its_own_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_data import make_tinyimagenet
+
+    monkeypatch.setenv("TINYSWIN_CACHE", str(tmp_path / "caches"))
+    root = tmp_path / "tiny-imagenet-200"
+    make_tinyimagenet(root, per_class=8)
+    common = [f"data.source={root}", "data.size=16", "data.holdout=0.25", "data.val_split=holdout",
+              "model.preset=nano", "model.embed_dim=8", "model.depths=[1]", "model.num_heads=[1]",
+              "model.window_size=4", "batch_size=6", "schedule.epochs=1", "tensorboard=false"]  # fmt: skip
+    runs = {}
+    for seed in (0, 1):
+        cfg = load_config(None, None, [*common, f"seed={seed}"])
+        runs[seed] = train(cfg, tmp_path / f"seed{seed}", progress=False, log=lambda _m: None)
+    caches = [p for p in (tmp_path / "caches").iterdir() if (p / "meta.json").is_file()]
+    assert len(caches) == 1  # both seeds read one cache: the same holdout images
+    assert load_cache(caches[0]).meta["holdout"] == {"fraction": 0.25, "seed": 0}
+    assert load_cache(caches[0]).meta["class_counts"]["holdout"] == [2, 2, 2]
+    assert runs[0]["best_split"] == runs[1]["best_split"] == "holdout"
+    cfg = load_config(None, None, [*common, "data.holdout_seed=5"])
+    train(cfg, tmp_path / "other", progress=False, log=lambda _m: None)
+    other = [p for p in (tmp_path / "caches").iterdir() if (p / "meta.json").is_file() and p not in caches]
+    assert len(other) == 1 and load_cache(other[0]).meta["holdout"]["seed"] == 5
+    assert load_cache(other[0]).files("holdout") != load_cache(caches[0]).files("holdout")
+
+
+def test_eval_size_follows_a_non_square_model(tiny_cache: Path, tmp_path: Path) -> None:
+    assert eval_size(SwinConfig(img_size=32), 32) is None
+    assert eval_size(SwinConfig(img_size=(24, 24)), 32) == (24, 24)
+    assert eval_size(SwinConfig(img_size=(24, 32)), 32) == (24, 32)
+    cfg = tiny_config(tiny_cache, "model.img_size=[24, 32]", epochs=1)
+    summary = train(cfg, tmp_path / "wide", progress=False, log=lambda _m: None)
+    loaded = LoadedModel(tmp_path / "wide" / "last.pt")
+    images = torch.from_numpy(np.asarray(load_cache(tiny_cache).split("val")[0][:5]))  # (5, 32, 32, 3)
+    assert loaded.normalize(images).shape == (5, 3, 24, 32)
+    result = evaluate_checkpoint(tmp_path / "wide" / "last.pt", log=lambda _m: None)
+    assert result["top1"] == summary["val_top1"]
+
+
+def test_evaluation_is_timed_on_warm_batches() -> None:
+    calls: list[int] = []
+
+    def run_batch(batch) -> None:  # the first call of each batch compiles: slow
+        calls.append(batch[0])
+        if calls.count(batch[0]) == 1:
+            time.sleep(0.5)
+
+    batches = [((0, torch.zeros(10)), 100), ((1, torch.zeros(10)), 50)]
+    seconds = time_evaluation(run_batch, batches, passes=2, world_size=1)
+    assert calls == [0, 0, 1, 1]
+    assert seconds < 0.5  # the cold calls (0.5 s each, 15 s scaled) are left out
+
+
+def test_lr_plot_draws_each_schedule_over_the_steps_it_held() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosine(opt, 1.0, iters_per_epoch=4, epochs=10, warmup_epochs=1, min_lr=0.0)
+    taken = []
+    for step in range(24):
+        if step == 6:
+            sched.reschedule(epochs=5, warmup_epochs=0.5)  # a time budget's plan, in the first epochs
+        if step == 16:
+            sched.reschedule(epochs=6, warmup_epochs=0.5)
+        taken.append(sched.get_last_lr())
+        sched.step()
+    schedule = {"iters_per_epoch": 4, "peak_lr": 1.0, "warmup_start": 0.01, "min_lr": 0.0,
+                "segments": sched.segments}  # fmt: skip
+    records = [{"epoch": 1, "step": 4, "lr_schedule": schedule}, {"epoch": 6, "step": 24}]
+    xs, ys = schedule_curve(records)["schedule (per step)"]
+    assert xs[:24] == [step / 4 for step in range(24)]
+    assert ys[:24] == taken
+    assert len(xs) == 6 * 4 + 1  # the last plan to its end
+    last_plan_only = WarmupCosine(opt, 1.0, iters_per_epoch=4, epochs=6, warmup_epochs=0.5, min_lr=0.0)
+    assert ys[:6] != [last_plan_only.lr_at(step) for step in range(6)]

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 IntPair = tuple[int, int]
 
@@ -275,8 +276,6 @@ def count_flops(model: nn.Module, size: IntPair, in_chans: int = 3) -> int:
     Returns:
         FLOPs per image.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     attention = [m for m in model.modules() if isinstance(m, WindowAttention)]
     backends = [m.backend for m in attention]
     x = torch.zeros(1, in_chans, *size, device=next(model.parameters()).device)

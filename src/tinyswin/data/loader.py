@@ -22,11 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 64-bit generator seed that depends only on (seed, epoch), with no collisions between nearby pairs."""
-    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint64)[0]
-    return int(state)
+from tinyswin.seeding import epoch_seed
 
 
 def _as_tensor(array: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
