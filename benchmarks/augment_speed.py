@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms as T
 from PIL import Image
 
+from notebook import notebook_normalization, notebook_transform
 from tinyswin.data import augment_native
 from tinyswin.data.augment import augment_preset, build_augment
 
-MEAN = (0.4802, 0.4481, 0.3975)
-STD = (0.2296, 0.2263, 0.2255)
+MEAN, STD = notebook_normalization()
 DEFAULT_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-sub.zip"
 
 
@@ -62,21 +61,6 @@ def synthetic_jpegs(count: int, size: int = 64, seed: int = 0) -> list[bytes]:
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
-
-
-def notebook_transform():
-    """The notebook's training transform, image by image (torchvision v1 transforms on PIL images)."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(64, scale=(0.9, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.RandAugment(num_ops=2, magnitude=5),
-            T.ColorJitter(0.2, 0.2, 0.2, 0.05),
-            T.ToTensor(),
-            T.Normalize(MEAN, STD),
-            T.RandomErasing(p=0.1, scale=(0.02, 0.2), value="random"),
-        ]
-    )
 
 
 def timed(fn: Callable[[], int], sync: Callable[[], None] = lambda: None) -> tuple[float, float]:

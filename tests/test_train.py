@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tinyswin.budget import compress_schedule, plan_budget, replan, time_evaluation
+from tinyswin.budget import TimeBudget, compress_schedule, plan_budget, replan, time_evaluation
 from tinyswin.checkpoint import load_checkpoint
 from tinyswin.config import (
     TrainConfig,
@@ -32,7 +32,7 @@ from tinyswin.data import load_cache, write_cache
 from tinyswin.data.augment import AugmentConfig
 from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
 from tinyswin.evaluate import LoadedModel, evaluate_checkpoint, load_images, predict
-from tinyswin.model import SwinConfig
+from tinyswin.model import SwinConfig, preset_config
 from tinyswin.optim import WarmupCosine, schedule_lr
 from tinyswin.plots import read_metrics, schedule_curve
 from tinyswin.train import (
@@ -645,13 +645,14 @@ def test_holdout_split_has_its_own_seed(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_eval_size_follows_a_non_square_model(tiny_cache: Path, tmp_path: Path) -> None:
-    assert eval_size(SwinConfig(img_size=32), 32) is None
-    assert eval_size(SwinConfig(img_size=(24, 24)), 32) == (24, 24)
-    assert eval_size(SwinConfig(img_size=(24, 32)), 32) == (24, 32)
+    two_stages = {"depths": (1, 1), "num_heads": (1, 2)}  # sides: multiples of 8
+    assert eval_size(preset_config("nano", img_size=32, **two_stages), 32) is None
+    assert eval_size(preset_config("nano", img_size=(24, 24), **two_stages), 32) == (24, 24)
+    assert eval_size(preset_config("nano", img_size=(24, 32), **two_stages), 32) == (24, 32)
     cfg = tiny_config(tiny_cache, "model.img_size=[24, 32]", epochs=1)
     summary = train(cfg, tmp_path / "wide", progress=False, log=lambda _m: None)
     loaded = LoadedModel(tmp_path / "wide" / "last.pt")
-    images = torch.from_numpy(np.asarray(load_cache(tiny_cache).split("val")[0][:5]))  # (5, 32, 32, 3)
+    images = torch.from_numpy(np.array(load_cache(tiny_cache).split("val")[0][:5]))  # (5, 32, 32, 3)
     assert loaded.normalize(images).shape == (5, 3, 24, 32)
     result = evaluate_checkpoint(tmp_path / "wide" / "last.pt", log=lambda _m: None)
     assert result["top1"] == summary["val_top1"]
@@ -691,3 +692,26 @@ def test_lr_plot_draws_each_schedule_over_the_steps_it_held() -> None:
     assert len(xs) == 6 * 4 + 1  # the last plan to its end
     last_plan_only = WarmupCosine(opt, 1.0, iters_per_epoch=4, epochs=6, warmup_epochs=0.5, min_lr=0.0)
     assert ys[:6] != [last_plan_only.lr_at(step) for step in range(6)]
+
+
+def test_replans_count_the_time_between_epochs_not_only_the_steps() -> None:
+    cfg = apply_overrides(load_config("seed"), ["time_budget=100", "schedule.epochs=50"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosine(opt, 1.0, iters_per_epoch=10, epochs=50, warmup_epochs=1)
+    original = dataclasses.asdict(cfg.schedule)
+    state = LoopState(
+        plan={"budget_s": 100.0, "original_schedule": original, "schedule": original, "replanned": []}
+    )
+    said: list[str] = []
+    cpu = torch.device("cpu")
+    budget = TimeBudget(
+        cfg, state, sched, 10, time.perf_counter(), lambda: 0.0, DistContext(), cpu, said.append
+    )
+    state.epoch, state.train_seconds = 1, 2.0
+    first = budget.after_epoch(cfg.schedule, steps=10, epoch_seconds=1.0)
+    assert first is not None and first.epochs == 1 + int(98 // 1.0)  # the first replan may stretch
+    state.epoch, state.train_seconds = 2, 6.0  # 4 s since the first epoch ended, 1 s of them steps
+    second = budget.after_epoch(first, steps=10, epoch_seconds=1.0)
+    assert budget.epoch_times == [1.0, 4.0]
+    assert second is not None and second.epochs == 2 + int(94 // 2.5) == 39
+    assert sched.epochs == 39

@@ -222,6 +222,7 @@ class TimeBudget:
         self.clock = BudgetClock(self.seconds, self.clock_start, dist, device)
         self._first_timed: float | None = None  # end of the first (untimed) step of the first epoch
         self._new_plan = False
+        self._previous_end: float | None = None  # state.train_seconds after the previous epoch
 
     def start_epoch(self) -> None:
         """Reset the per-epoch clock (every process counts its steps from here)."""
@@ -282,10 +283,14 @@ class TimeBudget:
         Args:
             schedule: the schedule the run follows now.
             steps: optimizer steps this epoch took (fewer than an epoch's: the budget ran out in it).
-            epoch_seconds: wall time of the epoch, evaluation included.
+            epoch_seconds: wall time of the epoch's steps and evaluation.
         """
         state = self.state
-        self.epoch_times.append(epoch_seconds)
+        # an epoch costs its steps and evaluation plus what follows it (checkpoints, metrics, plots): from the
+        # second epoch on, the wall time since the previous epoch's end
+        cycle = epoch_seconds if self._previous_end is None else state.train_seconds - self._previous_end
+        self._previous_end = state.train_seconds
+        self.epoch_times.append(max(cycle, epoch_seconds))
         new = None
         if self._new_plan:
             self._new_plan = False

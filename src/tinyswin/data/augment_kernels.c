@@ -1,6 +1,6 @@
 /* Per-pixel augmentation kernels for CPU batches: one pass per sample instead of one PyTorch op per step.
  *
- * Built on first use by tinyswin/data/native.py with the system C compiler (-O3 -ffp-contract=off, so that
+ * Built on first use by augment_native.py with the system C compiler (-O3 -ffp-contract=off, so that
  * no multiply-add is fused and every float32 expression rounds exactly as the PyTorch ops it replaces) and
  * called through ctypes. Each kernel reproduces the eager batched ops of augment_geometry.py,
  * augment_ops.py and augment_policy.py bit for bit (tests/test_augment_native.py checks them against those
