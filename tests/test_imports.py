@@ -109,3 +109,14 @@ def test_the_data_layer_loads_without_the_model_or_the_training() -> None:
     assert "tinyswin.data.augment" in loaded and "tinyswin.data.cache" in loaded
     for name in ("tinyswin.model", "tinyswin.train", "tinyswin.config", "tinyswin.interop"):
         assert name not in loaded, name
+
+
+def test_the_command_line_parser_loads_no_torch() -> None:
+    code = (
+        "import sys\n"
+        "from tinyswin.cli import build_parser\n"
+        "build_parser().parse_args(['prepare', 'x', '--out', 'y'])\n"
+        "print(sorted(m for m in ('torch', 'tinyswin.model', 'tinyswin.config') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(out) == []

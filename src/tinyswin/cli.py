@@ -125,10 +125,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TrainHelp(argparse.Action):
+    """`train --help`: the presets and keys are read when the help is asked for (reading them loads the model
+    and the data layer, which every other command line would pay for)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object, **_kwargs: object) -> None:
+        from tinyswin.config import config_preset_names, override_keys
+
+        parser.epilog = (
+            f"Presets: {', '.join(config_preset_names())}. Keys: {override_keys()}; a run's config.yaml "
+            "lists every key with its value."
+        )
+        parser.print_help()
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `tinyswin` command."""
-    from tinyswin.config import config_preset_names, override_keys
-
     parser = argparse.ArgumentParser(
         prog="tinyswin",
         description="Train a Swin Transformer from scratch on small images.",
@@ -165,16 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
+        add_help=False,
         help="train a model (default: the built-in synthetic dataset and a small model)",
         description="Train a Swin Transformer. Without --data: a built-in synthetic dataset (10 classes of "
         "shapes and textures) that trains in about a minute on 2 CPU cores. Config layers: --preset (default "
         "'default'), then --config FILE.yaml, then key=value overrides (dotted keys, e.g. optim.lr=1e-3). "
-        "Learning rate rule: optim.lr * batch_size / optim.lr_base_batch. "
-        f"Keys: {override_keys()}; a run's config.yaml lists every key with its value.",
+        "Learning rate rule: optim.lr * batch_size / optim.lr_base_batch.",
     )
+    p.add_argument("-h", "--help", action=_TrainHelp, nargs=0, help="show this help message and exit")
     p.add_argument("--data", default=None, help="a cache, or a dataset to prepare into one (zip or folder)")
-    presets = ", ".join(config_preset_names())
-    p.add_argument("--preset", default=None, help=f"a training preset (default: 'default'): {presets}")
+    p.add_argument("--preset", default=None, help="a training preset (default: 'default'; listed below)")
     p.add_argument("--config", default=None, help="a YAML file of keys applied over the preset")
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<date>-<time>)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (schedule.epochs)")
