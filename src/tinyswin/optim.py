@@ -213,6 +213,16 @@ class WarmupCosine:
         self._record_segment()
         self._apply()
 
+    def describe(self) -> dict[str, Any]:
+        """What `lr_at_step` needs for the rate of every step taken so far (the lr plot draws it)."""
+        return {
+            "iters_per_epoch": self.iters_per_epoch,
+            "peak_lr": self.peak_lr,
+            "warmup_start": self.warmup_start,
+            "min_lr": self.min_lr,
+            "segments": [dict(seg) for seg in self.segments],
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """`{"steps": n}` plus the schedule's parameters (for the record)."""
         return {

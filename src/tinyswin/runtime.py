@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -88,3 +89,19 @@ def barrier(dist: DistContext) -> None:
     """Wait for every process (no-op with one)."""
     if dist.world_size > 1:
         tdist.barrier()
+
+
+def wrap_model(
+    model: nn.Module, compile_model: bool, dist: DistContext, device: torch.device
+) -> tuple[nn.Module, nn.Module]:
+    """The model to train (DDP with several processes, compiled if asked) and the one to evaluate."""
+    train_model: nn.Module = model
+    if dist.world_size > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if not compile_model:
+        return train_model, model
+    # static shapes: one graph per batch shape (train, eval, a last partial eval batch); dynamic-shape
+    # graphs of the windowed attention failed to run under inductor (torch 2.11, H100)
+    train_model = torch.compile(train_model, dynamic=False)
+    return train_model, train_model if dist.world_size == 1 else torch.compile(model, dynamic=False)

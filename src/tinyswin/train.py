@@ -46,13 +46,13 @@ from tinyswin.config import (
     to_dict,
 )
 from tinyswin.data import Augment, BatchLoader, Cache, build_augment, load_cache
-from tinyswin.data.sources import resolve_data
+from tinyswin.data.sources import eval_splits, resolve_data
 from tinyswin.engine import EpochStats, LoopState, TrainingError, train_one_epoch
 from tinyswin.evaluate import EvalResult, evaluate
 from tinyswin.model import SwinTransformer
 from tinyswin.optim import WarmupCosine, build_adamw
 from tinyswin.rundir import RunDir, format_epoch, summarize
-from tinyswin.runtime import DistContext, barrier, resolve_device, resolve_precision
+from tinyswin.runtime import DistContext, barrier, resolve_device, resolve_precision, wrap_model
 
 __all__ = [
     "DistContext",
@@ -61,7 +61,6 @@ __all__ = [
     "TrainingError",
     "build_augment_config",
     "build_model_config",
-    "eval_splits",
     "resume_config",
     "setup_run",
     "train",
@@ -153,18 +152,6 @@ class Run:
             rng_state=rng_state(),
             loop=dataclasses.asdict(state),
         )
-
-
-def eval_splits(cache_splits: tuple[str, ...], selection: str) -> list[str]:
-    """The splits evaluated every epoch: 'val' and 'holdout' where the cache has them, selection first."""
-    if selection not in cache_splits:
-        hint = " (prepare the source with data.holdout=0.1)" if selection == "holdout" else ""
-        raise ValueError(
-            f"data.val_split={selection!r}: the cache has no split {selection!r} "
-            f"(it has {', '.join(cache_splits)}){hint}"
-        )
-    others = [s for s in ("val", "holdout") if s in cache_splits and s != selection]
-    return [selection, *others]
 
 
 def _loaders(
@@ -260,7 +247,7 @@ def setup_run(
         warmup_epochs=sched.warmup_epochs, warmup_start=sched.warmup_start, min_lr=sched.min_lr,
         per_iteration=sched.step == "iteration",
     )  # fmt: skip
-    train_model, eval_model = _wrap(model, cfg.compile, dist, device)
+    train_model, eval_model = wrap_model(model, cfg.compile, dist, device)
     run = Run(
         cfg=cfg, schedule=cfg.schedule, dist=dist, device=device, amp_dtype=amp_dtype, cache=cache,
         splits=splits, loader=loader, eval_loaders=eval_loaders, iters_per_epoch=iters_per_epoch,
@@ -276,36 +263,8 @@ def setup_run(
     return run
 
 
-def _wrap(
-    model: nn.Module, compile_model: bool, dist: DistContext, device: torch.device
-) -> tuple[nn.Module, nn.Module]:
-    """The model to train (DDP with several processes, compiled if asked) and the one to evaluate."""
-    train_model: nn.Module = model
-    if dist.world_size > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if not compile_model:
-        return train_model, model
-    # static shapes: one graph per batch shape (train, eval, a last partial eval batch); dynamic-shape
-    # graphs of the windowed attention failed to run under inductor (torch 2.11, H100)
-    train_model = torch.compile(train_model, dynamic=False)
-    return train_model, train_model if dist.world_size == 1 else torch.compile(model, dynamic=False)
-
-
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr) if enabled else None
-
-
-def _lr_schedule(run: Run) -> dict[str, Any]:
-    """What the learning-rate plot needs to draw the rate every step actually took."""
-    sched = run.scheduler
-    return {
-        "iters_per_epoch": sched.iters_per_epoch,
-        "peak_lr": sched.peak_lr,
-        "warmup_start": sched.warmup_start,
-        "min_lr": sched.min_lr,
-        "segments": [dict(seg) for seg in sched.segments],
-    }
 
 
 def _epoch_record(run: Run, epoch: int, mix: bool, stats: EpochStats) -> dict[str, Any]:
@@ -319,7 +278,7 @@ def _epoch_record(run: Run, epoch: int, mix: bool, stats: EpochStats) -> dict[st
     }
     if stats.steps < run.iters_per_epoch:
         record["partial"] = stats.steps  # the time budget ended the epoch after this many steps
-    schedule = _lr_schedule(run)
+    schedule = run.scheduler.describe()
     recorded = [r["lr_schedule"] for r in run.state.history if "lr_schedule" in r]
     if not recorded or recorded[-1] != schedule:  # the first epoch, and whenever the schedule changed
         record["lr_schedule"] = schedule

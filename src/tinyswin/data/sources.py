@@ -56,3 +56,15 @@ def resolve_data(
         return prepare(path, out, **options, progress=False)
     log(f"preparing {source} into the cache {out} (once; reused next time)")
     return prepare(path, out, **options, progress=progress)
+
+
+def eval_splits(cache_splits: tuple[str, ...], selection: str) -> list[str]:
+    """The splits evaluated every epoch: 'val' and 'holdout' where the cache has them, selection first."""
+    if selection not in cache_splits:
+        hint = " (prepare the source with data.holdout=0.1)" if selection == "holdout" else ""
+        raise ValueError(
+            f"data.val_split={selection!r}: the cache has no split {selection!r} "
+            f"(it has {', '.join(cache_splits)}){hint}"
+        )
+    others = [s for s in ("val", "holdout") if s in cache_splits and s != selection]
+    return [selection, *others]
