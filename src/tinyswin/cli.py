@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from tinyswin.errors import Interrupted, TinyswinError
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -130,11 +134,11 @@ class _TrainHelp(argparse.Action):
     and the data layer, which every other command line would pay for)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *_args: object, **_kwargs: object) -> None:
-        from tinyswin.config import config_preset_names, override_keys
+        from tinyswin.config import config_preset_names, known_keys, override_keys
 
         parser.epilog = (
-            f"Presets: {', '.join(config_preset_names())}. Keys: {override_keys()}; a run's config.yaml "
-            "lists every key with its value."
+            f"Presets: {', '.join(config_preset_names())}. Keys ({override_keys()}; a run's config.yaml "
+            f"lists each with its value): {', '.join(known_keys())}."
         )
         parser.print_help()
         parser.exit()
@@ -228,14 +232,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides of `train` may stand anywhere, also after options."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if args.command != "train" and overrides:
+        unknown = extra
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away (`tinyswin info | head`): no traceback, no more output."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `tinyswin` command; returns the exit status."""
+    """Run the `tinyswin` command; returns the exit status.
+
+    A problem with the input (a `TinyswinError`, or a ValueError / FileNotFoundError naming it) is one line
+    on stderr and exit status 2; an interrupted training says where to resume and exits 128 + the signal
+    (130 for Ctrl-C, 143 for SIGTERM); anything else is a bug and keeps its traceback.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"tinyswin {args.command}: error: {exc}", file=sys.stderr)
+        status = args.func(args)
+        sys.stdout.flush()
+        return status
+    except Interrupted as exc:
+        print(f"tinyswin {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print(f"tinyswin {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except (TinyswinError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"tinyswin {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -20,3 +20,16 @@ class RunDirError(TinyswinError, ValueError):
 
 class DiskFullError(TinyswinError, OSError):
     """A write failed for lack of space (ENOSPC) or quota (EDQUOT); the files written before stay valid."""
+
+
+class Interrupted(TinyswinError):
+    """Training stopped by SIGINT or SIGTERM between two steps; nothing half-written, `--resume` continues.
+
+    Args:
+        message: the one line for the user.
+        signum: the signal received (the CLI exits with 128 + signum).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

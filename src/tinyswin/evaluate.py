@@ -122,6 +122,21 @@ def evaluate(
     )
 
 
+def resolve_checkpoint(path: str | os.PathLike[str], prefer: str = "best.pt") -> Path:
+    """A checkpoint file, or the one a run directory holds: `prefer`, else the other of best.pt / last.pt.
+
+    Raises:
+        FileNotFoundError: no such file, or a directory with neither checkpoint.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in (prefer, "last.pt" if prefer == "best.pt" else "best.pt"):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path} holds no best.pt or last.pt: give a run directory or a .pt file")
+
+
 class LoadedModel:
     """A model rebuilt from a checkpoint, in eval mode, with what inference needs.
 
@@ -132,10 +147,11 @@ class LoadedModel:
         class_names / class_ids: label order.
         image_size: side of the cache images it was trained on (predict resizes images to it).
         eval_size: (H, W) of the model's input, or None when it is the stored image size.
+        input_size: (H, W) of the model's input.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", ema: bool = False) -> None:
-        self.path = Path(path)
+        self.path = resolve_checkpoint(path)
         ckpt = load_checkpoint(self.path)
         self.checkpoint = ckpt
         self.config: TrainConfig = from_dict(ckpt["train_config"], str(self.path))
@@ -158,6 +174,8 @@ class LoadedModel:
         self.class_ids: list[str] = list(ckpt.get("class_ids") or self.class_names)
         self.image_size = int(ckpt["image_size"])
         self.eval_size = eval_size(self.model_config, self.image_size)
+        side = self.model_config.img_size
+        self.input_size = (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
         norm = ckpt["normalization"]
         self.augment = build_augment(
             build_augment_config(self.config), tuple(norm["mean"]), tuple(norm["std"]), len(self.class_names)
@@ -165,8 +183,12 @@ class LoadedModel:
         self.amp_dtype = resolve_precision(self.config.precision, self.device)[0]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) -> float (B, 3, H', W'), exactly as the run evaluated."""
-        return self.augment.normalize(images, self.eval_size)
+        """uint8 (B, H, W, 3) -> float (B, 3, H', W'), exactly as the run evaluated; images of another size
+        than the run's are resized to the model's input."""
+        size = self.eval_size
+        if tuple(images.shape[1:3]) != (self.image_size, self.image_size):
+            size = self.input_size
+        return self.augment.normalize(images, size)
 
 
 def evaluate_checkpoint(
@@ -183,7 +205,7 @@ def evaluate_checkpoint(
     """Loss, top-1 and top-5 of a checkpoint on a split of its dataset (or of `data`).
 
     Args:
-        path: the checkpoint.
+        path: the checkpoint, or a run directory (its best.pt, else last.pt).
         data: a cache or source; default: the run's own data.
         split: the split to evaluate.
         batch_size: default: the run's eval batch size.
@@ -211,7 +233,12 @@ def evaluate_checkpoint(
             progress=progress,
         )
     )
-    check_compatible(loaded.checkpoint, class_names=cache.class_names, source=str(path))
+    check_compatible(loaded.checkpoint, class_names=cache.class_names, source=str(loaded.path))
+    if cache.image_size != loaded.image_size:
+        log(
+            f"note: {cache.path} holds {cache.image_size}px images, the model was trained on "
+            f"{loaded.image_size}px: resizing them to its input {loaded.model_config.img_size}"
+        )
     images, labels = cache.split(split)  # raises, listing the splits, if there is no such split
     loader = BatchLoader(
         images,
@@ -230,7 +257,7 @@ def evaluate_checkpoint(
         amp_dtype=loaded.amp_dtype,
     )
     return {
-        "checkpoint": str(path),
+        "checkpoint": str(loaded.path),
         "split": split,
         "n": result.n,
         "loss": result.loss,

@@ -7,6 +7,8 @@ torchrun's environment). With one process every collective here is a no-op.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,3 +107,34 @@ def wrap_model(
     # graphs of the windowed attention failed to run under inductor (torch 2.11, H100)
     train_model = torch.compile(train_model, dynamic=False)
     return train_model, train_model if dist.world_size == 1 else torch.compile(model, dynamic=False)
+
+
+class StopSignals:
+    """Within a `with` block, SIGINT and SIGTERM ask the training to stop instead of killing it mid-write.
+
+    The first signal only records itself (`received`); the loop asks after each step and stops between two
+    steps, so no file is left half-written. A second one raises KeyboardInterrupt at once. Handlers are
+    installed only in the main thread and only when `enabled` (with several processes every rank would
+    stop at a different step, so there the signals keep their default action).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if self.enabled:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

@@ -42,17 +42,26 @@ from tinyswin.config import (
     eval_size,
     expand,
     from_dict,
+    load_config,
     plain_model_config,
     to_dict,
 )
 from tinyswin.data import Augment, BatchLoader, Cache, build_augment, load_cache
 from tinyswin.data.sources import eval_splits, resolve_data
 from tinyswin.engine import EpochStats, LoopState, TrainingError, train_one_epoch
+from tinyswin.errors import Interrupted, RunDirError
 from tinyswin.evaluate import EvalResult, evaluate
 from tinyswin.model import SwinTransformer
 from tinyswin.optim import WarmupCosine, build_adamw
 from tinyswin.rundir import RunDir, format_epoch, summarize
-from tinyswin.runtime import DistContext, barrier, resolve_device, resolve_precision, wrap_model
+from tinyswin.runtime import (
+    DistContext,
+    StopSignals,
+    barrier,
+    resolve_device,
+    resolve_precision,
+    wrap_model,
+)
 
 __all__ = [
     "DistContext",
@@ -303,10 +312,23 @@ def _evaluate_splits(run: Run, record: dict[str, Any]) -> dict[str, EvalResult]:
     return results
 
 
+def _check_interrupt(signals: StopSignals, state: LoopState) -> None:
+    """Raise Interrupted if SIGINT or SIGTERM came (between two steps: nothing is half-written)."""
+    if signals.received is not None:
+        raise Interrupted(
+            f"interrupted at epoch {state.epoch + 1} step {state.step}; resume with --resume",
+            signals.received,
+        )
+
+
 def run_epoch(
-    run: Run, rundir: RunDir, budget: TimeBudget | None, progress: bool, say: LogFn
+    run: Run, rundir: RunDir, budget: TimeBudget | None, signals: StopSignals, progress: bool, say: LogFn
 ) -> dict[str, EvalResult]:
-    """Train one epoch, evaluate, follow the time budget, write the epoch's files; returns the results."""
+    """Train one epoch, evaluate, follow the time budget, write the epoch's files; returns the results.
+
+    Raises:
+        Interrupted: a signal came during the epoch's steps; the epoch is abandoned, nothing is written.
+    """
     state, schedule = run.state, run.schedule
     epoch = state.epoch
     mix = schedule.mix_off_first_epochs <= epoch < schedule.epochs - schedule.mix_off_last_epochs
@@ -319,11 +341,12 @@ def run_epoch(
             run.train_model, run.loader, run.augment, run.optimizer, run.scheduler, run.scaler, state,
             cfg=run.cfg, epoch=epoch, mix=mix, device=run.device, amp_dtype=run.amp_dtype, ema=run.ema,
             dist=run.dist, progress=bar, step_hook=budget.on_step if budget else None,
-            should_stop=budget.should_stop if budget else None,
+            should_stop=lambda: signals.received is not None or (budget is not None and budget.should_stop()),
         )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()
+    _check_interrupt(signals, state)
     record = _epoch_record(run, epoch, mix, stats)
     results = _evaluate_splits(run, record)
     state.epoch += 1
@@ -385,6 +408,14 @@ def train(
     rundir = RunDir(run_dir, main=dist.is_main, say=say)
     ckpt = rundir.open(resume)
     run = setup_run(cfg, dist, ckpt=ckpt, source=rundir.last, wall_start=wall_start, say=say)
+    return _train_epochs(run, rundir, ckpt is not None, wall_start, progress, say)
+
+
+def _train_epochs(
+    run: Run, rundir: RunDir, resumed: bool, wall_start: float, progress: bool, say: LogFn
+) -> dict[str, Any]:
+    """The epochs of a run that is set up, then its summary; SIGINT/SIGTERM stop it between two steps."""
+    cfg, dist = run.cfg, run.dist
     budget = None
     if cfg.time_budget is not None:
         budget = TimeBudget(
@@ -398,17 +429,21 @@ def train(
             run.device,
             say,
         )
-    expanded = expand(run.config(), run.cache.num_classes, run.cache.image_size)
-    rundir.start(expanded, run.state.history)
-    _announce(run, rundir, say)
     resumed_at = run.state.epoch
-    if resume:
+    if resumed:
         say(f"resuming after epoch {run.state.epoch} (step {run.state.step})")
-    results: dict[str, EvalResult] = {}
-    while run.state.epoch < run.schedule.epochs:
-        results = run_epoch(run, rundir, budget, progress, say)
-    if not results:  # resumed a finished run: evaluate once for the summary
+    if resumed and run.state.epoch >= run.schedule.epochs:
+        say(f"the run in {rundir.path} is finished ({run.state.epoch} epochs): nothing to train or write")
         results = {split: run.evaluate(run.eval_model, split) for split in run.splits}
+        names = run.cache.class_names
+        return summarize(run.schedule.epochs, run.state, run.splits, results, names, rundir.path, resumed_at)
+    rundir.start(expand(run.config(), run.cache.num_classes, run.cache.image_size), run.state.history)
+    _announce(run, rundir, say)
+    results: dict[str, EvalResult] = {}
+    with StopSignals(enabled=dist.world_size == 1) as signals:
+        while run.state.epoch < run.schedule.epochs:
+            _check_interrupt(signals, run.state)
+            results = run_epoch(run, rundir, budget, signals, progress, say)
     state, cache = run.state, run.cache
     summary = summarize(
         run.schedule.epochs, state, run.splits, results, cache.class_names, rundir.path, resumed_at
@@ -435,9 +470,15 @@ def _announce(run: Run, rundir: RunDir, say: LogFn) -> None:
 def resume_config(
     run_dir: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainConfig:
-    """The config of the run in `run_dir` (from its last.pt) with `key=value` overrides applied."""
-    path = Path(run_dir) / "last.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    ckpt = load_checkpoint(path)
-    return apply_overrides(from_dict(ckpt["train_config"], str(path)), overrides)
+    """The config of the run in `run_dir` with `key=value` overrides applied: from its last.pt, or from its
+    config.yaml when it was stopped before its first checkpoint.
+
+    Raises:
+        RunDirError: `run_dir` holds neither.
+    """
+    path, yaml_path = Path(run_dir) / "last.pt", Path(run_dir) / "config.yaml"
+    if path.exists():
+        return apply_overrides(from_dict(load_checkpoint(path)["train_config"], str(path)), overrides)
+    if yaml_path.is_file():
+        return load_config(None, yaml_path, overrides)
+    raise RunDirError(f"nothing to resume in {run_dir}: it holds no last.pt and no config.yaml")

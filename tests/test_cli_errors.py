@@ -1,0 +1,158 @@
+"""What a user types never loses a run or prints a traceback: interrupts, pipes, run directories given to
+eval, a finished run resumed, overrides anywhere on the line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tinyswin.cli import main
+from tinyswin.config import known_keys
+from tinyswin.data import load_cache, write_cache
+from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
+from tinyswin.plots import read_metrics
+
+TINY = ["model.embed_dim=16", "model.depths=[1, 1]", "model.num_heads=[1, 2]", "model.window_size=4",
+        "batch_size=16", "eval_batch_size=64", "threads=1"]  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cache(root: Path, size: int = 32) -> Path:
+    splits = synthetic_splits(size=size, train_per_class=16, val_per_class=4, seed=2)
+    keep = [0, 5, 6, 8]
+    out = {}
+    for name, (images, labels) in splits.items():
+        mask = np.isin(labels, keep)
+        out[name] = (images[mask], np.searchsorted(keep, labels[mask]).astype(np.int64))
+    return write_cache(root, out, [f"c{k}" for k in keep], [CLASS_NAMES[k] for k in keep], "test shapes")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _cache(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "done"
+    assert (
+        main(["train", "--data", str(cache), "--out", str(run_dir), "--epochs", "2", "--quiet", *TINY]) == 0
+    )
+    return run_dir
+
+
+def _train_process(cache: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tinyswin", "train", "--data", str(cache), "--out", str(run_dir), "--quiet",
+           *TINY, *extra]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_training_between_steps_and_resume_continues(
+    cache: Path, tmp_path: Path, signum: int, code: int
+) -> None:
+    run_dir = tmp_path / "run"
+    proc = _train_process(cache, run_dir, "--epochs", "200")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("epoch 1/200"):
+            break
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert (
+        len(lines) == 1 and "interrupted at epoch" in lines[0] and lines[0].endswith("resume with --resume")
+    )
+    done = len(read_metrics(run_dir / "metrics.jsonl"))
+    assert done >= 1 and json.loads(json.dumps(yaml.safe_load((run_dir / "config.yaml").read_text())))
+    assert main(["train", "--out", str(run_dir), "--resume", "--quiet", f"schedule.epochs={done + 1}"]) == 0
+    epochs = [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert epochs == list(range(1, done + 2))  # every epoch once: nothing of the interrupted one was written
+
+
+def test_a_closed_pipe_is_quiet() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinyswin", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader goes away before anything is read (as `| head -0`)
+    err = proc.stderr.read() if proc.stderr else ""
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert proc.returncode in (0, 128 + signal.SIGPIPE)
+
+
+def test_eval_and_predict_take_a_run_directory(
+    finished_run: Path, cache: Path, capsys, tmp_path: Path
+) -> None:
+    capsys.readouterr()
+    assert main(["eval", str(finished_run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint"] == str(finished_run / "best.pt") and result["n"] == 16
+    image = tmp_path / "x.png"
+    Image.fromarray(np.asarray(load_cache(cache).split("val")[0][0])).save(image)
+    assert main(["predict", str(finished_run), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["class"] in [
+        CLASS_NAMES[k] for k in (0, 5, 6, 8)
+    ]
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no best.pt or last.pt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_on_images_of_another_size_resizes_them_and_says_so(
+    finished_run: Path, tmp_path: Path, capsys
+) -> None:
+    small = _cache(tmp_path / "small", size=16)
+    capsys.readouterr()
+    assert main(["eval", str(finished_run / "last.pt"), "--data", str(small)]) == 0
+    out = capsys.readouterr().out
+    assert "holds 16px images, the model was trained on 32px: resizing them to its input 32" in out
+    assert "top-1" in out
+
+
+def test_resuming_a_finished_run_changes_no_file(finished_run: Path, capsys) -> None:
+    def files() -> dict[str, bytes]:  # the run's files (the lock of whoever holds the directory aside)
+        return {
+            p.name: p.read_bytes() for p in finished_run.iterdir() if p.is_file() and ".lock" not in p.name
+        }
+
+    before = files()
+    capsys.readouterr()
+    assert main(["train", "--out", str(finished_run), "--resume", "--quiet", "label_smoothing=0.2"]) == 0
+    assert "is finished (2 epochs): nothing to train or write" in capsys.readouterr().out
+    assert files() == before
+
+
+def test_overrides_may_follow_options(cache: Path, tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "mixed"
+    argv = ["train", "schedule.epochs=1", "--data", str(cache), *TINY[:2], "--out", str(run_dir), *TINY[2:],
+            "--quiet", "seed=3"]  # fmt: skip
+    assert main(argv) == 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["schedule"]["epochs"] == 1 and saved["seed"] == 3 and saved["model"]["embed_dim"] == 16
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "x"), "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info", "seed=1"])
+
+
+def test_train_help_lists_every_key(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    missing = [key for key in known_keys() if key not in text]
+    assert missing == [] and len(known_keys()) > 60
