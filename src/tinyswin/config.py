@@ -7,6 +7,10 @@ A configuration is built in layers, each a partial nested mapping over the one b
 
 Every key is checked: an unknown key is an error that names the closest known one, and every value is
 converted to the type of its field (`1` -> 1.0 for a float, `[2, 2]` -> (2, 2) for a tuple) or refused.
+A resolved config is then checked against the range of every key (`RANGES`: `schedule.epochs` >= 1,
+`optim.lr` > 0 and finite, ...) and its model and augmentation are built from their presets and overrides,
+so a value outside its range is a `ConfigError` of one line that names the key, the value and the range,
+before a run writes anything.
 The `model` and `augment` sections hold a preset name plus overrides of the fields of
 `tinyswin.model.SwinConfig` and `tinyswin.data.AugmentConfig`; in YAML and in `key=value` form the
 overrides sit beside `preset` (`model.preset=nano model.embed_dim=64`).
@@ -20,19 +24,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
-from tinyswin.data.augment import AugmentConfig, augment_preset
-from tinyswin.model import SwinConfig, preset_config
+from tinyswin.data.augment import AugmentConfig, augment_preset, augment_preset_names
+from tinyswin.errors import ConfigError
+from tinyswin.model import SwinConfig, preset_config, preset_names
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 VAL_SPLITS = ("val", "holdout")
@@ -128,7 +135,7 @@ class TrainConfig:
     max_nonfinite: int = 5  # this many non-finite losses in a row stop the run
     threads: int = 0  # CPU threads for torch's intra-op work (0: torch's default, one per core)
     time_budget: float | None = None  # seconds; the schedule is planned to fit and the run stops in time
-    tensorboard: bool = True  # event files when tensorboard is installed
+    tensorboard: bool = False  # TensorBoard event files (RUN_DIR/tensorboard/) when tensorboard is installed
 
     def peak_lr(self) -> float:
         """The learning rate after the linear scaling rule: lr * batch_size / lr_base_batch."""
@@ -162,24 +169,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(str(exc))}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     return data
 
 
 def _preset_layers(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
     """The mappings of preset `name`, its `base:` chain first."""
     if name in seen:
-        raise ValueError(f"preset {name!r}: circular 'base' chain {' -> '.join((*seen, name))}")
+        raise ConfigError(f"preset {name!r}: circular 'base' chain {' -> '.join((*seen, name))}")
     path = preset_dir() / f"{name}.yaml"
     if not path.is_file():
         names = config_preset_names()
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown preset {name!r} (presets: {', '.join(names)}){hint}")
+        raise ConfigError(f"unknown preset {name!r} (presets: {', '.join(names)}){hint}")
     data = _read_yaml(path)
     base = data.pop("base", None)
     layers = _preset_layers(base, (*seen, name)) if base else []
@@ -199,10 +206,12 @@ def load_config(
         overrides: `dotted.key=value` strings applied last; values read as YAML (`null`, `[2, 2]`, `1e-3`).
 
     Returns:
-        The resolved TrainConfig.
+        The resolved TrainConfig, every key within its range.
 
     Raises:
-        ValueError: an unknown preset or key (naming the closest), a value of the wrong type, a bad file.
+        ConfigError: an unknown preset or key (naming the closest), a value of the wrong type or outside its
+            range (naming the layer that set it), a file that is not a mapping of keys.
+        FileNotFoundError: `file` does not exist.
     """
     layers: list[tuple[str, dict[str, Any]]] = []
     if preset:
@@ -211,14 +220,17 @@ def load_config(
         data = _read_yaml(Path(file))
         base = data.pop("base", None)
         if base and preset and base != preset:
-            raise ValueError(f"{file}: names base preset {base!r} but --preset {preset!r} was given")
+            raise ConfigError(f"{file}: names base preset {base!r} but --preset {preset!r} was given")
         if base and not preset:
             layers += _preset_layers(base)
         layers.append((str(file), data))
     cfg = TrainConfig()
+    origins: dict[str, str] = {}
     for origin, data in layers:
-        cfg = merge(cfg, data, origin)
-    return apply_overrides(cfg, overrides)
+        cfg = _merged(cfg, data, origin, origins)
+    cfg = _overridden(cfg, overrides, origins)
+    check_ranges(cfg, origins)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,7 +255,11 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def from_dict(data: Mapping[str, Any], origin: str = "config") -> TrainConfig:
-    """A TrainConfig from a (possibly partial) nested mapping over the dataclass defaults; see `to_dict`."""
+    """A TrainConfig from a (possibly partial) nested mapping over the dataclass defaults; see `to_dict`.
+
+    Raises:
+        ConfigError: an unknown key, or a value of the wrong type or outside its range.
+    """
     return merge(TrainConfig(), data, origin)
 
 
@@ -270,26 +286,62 @@ def _plain(value: Any) -> Any:
 
 
 def merge(cfg: TrainConfig, data: Mapping[str, Any], origin: str = "config") -> TrainConfig:
-    """A copy of `cfg` with the keys of nested mapping `data` set (every key and value checked)."""
-    out = dataclasses.replace(cfg)
-    for key, value in _flatten(data):
-        _set(out, key, value, origin)
+    """A copy of `cfg` with the keys of nested mapping `data` set (every key and value checked).
+
+    Raises:
+        ConfigError: an unknown key, or a value of the wrong type or outside its range.
+    """
+    out = _merged(cfg, data, origin)
+    check_ranges(out, origin)
     return out
 
 
 def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
-    """A copy of `cfg` with `dotted.key=value` strings applied (values read as YAML)."""
+    """A copy of `cfg` with `dotted.key=value` strings applied (values read as YAML).
+
+    Raises:
+        ConfigError: an item that is not key=value, an unknown key, or a value of the wrong type or outside
+            its range.
+    """
+    out = _overridden(cfg, overrides)
+    check_ranges(out, "override")
+    return out
+
+
+def _merged(
+    cfg: TrainConfig, data: Mapping[str, Any], origin: str, origins: dict[str, str] | None = None
+) -> TrainConfig:
+    """`merge` without the range check; records `origin` for every key set in `origins`."""
+    out = dataclasses.replace(cfg)
+    for key, value in _flatten(data):
+        _set(out, key, value, origin)
+        _record(origins, key, origin)
+    return out
+
+
+def _overridden(
+    cfg: TrainConfig, overrides: Iterable[str], origins: dict[str, str] | None = None
+) -> TrainConfig:
+    """`apply_overrides` without the range check; records 'override' for every key set in `origins`."""
     out = dataclasses.replace(cfg)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-3")
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-3")
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
         _set(out, key.strip(), value, "override")
+        _record(origins, key.strip(), "override")
     return out
+
+
+def _record(origins: dict[str, str] | None, key: str, origin: str) -> None:
+    """Note that `key` was last set by `origin` (the latest key last, for `_origin_of`)."""
+    if origins is not None:
+        origins.pop(key, None)
+        origins[key] = origin
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -336,10 +388,10 @@ def _section_type(name: str) -> type:
     return typing.get_type_hints(TrainConfig)[name]
 
 
-def _unknown(key: str, origin: str) -> ValueError:
+def _unknown(key: str, origin: str) -> ConfigError:
     close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"{origin}: unknown key {key!r}{hint}")
+    return ConfigError(f"{origin}: unknown key {key!r}{hint}")
 
 
 def _set(cfg: TrainConfig, key: str, value: Any, origin: str) -> None:
@@ -362,7 +414,7 @@ def _set(cfg: TrainConfig, key: str, value: Any, origin: str) -> None:
                 if name not in ext:
                     raise _unknown(key, origin)
                 if name == "num_classes" and top == "model":
-                    raise ValueError(f"{origin}: {key} is set by the data (its number of classes)")
+                    raise ConfigError(f"{origin}: {key} is set by the data (its number of classes)")
                 new = dataclasses.replace(
                     section, overrides={**section.overrides, name: _coerce(value, ext[name], key, origin)}
                 )
@@ -379,12 +431,12 @@ def _set(cfg: TrainConfig, key: str, value: Any, origin: str) -> None:
 
 
 def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
-    """`value` converted to type `hint`, or a ValueError naming the key."""
+    """`value` converted to type `hint`, or a ConfigError naming the key."""
     try:
         return _convert(value, hint)
     except (TypeError, ValueError):
         pass
-    raise ValueError(f"{origin}: {key}={value!r}: expected {_describe(hint)}")
+    raise ConfigError(f"{origin}: {key}={value!r}: expected {_describe(hint)}")
 
 
 def _convert(value: Any, hint: Any) -> Any:
@@ -481,6 +533,244 @@ def _describe(hint: Any) -> str:
         inner = ", ".join(_describe(a) for a in args if a is not Ellipsis)
         return f"list of [{inner}]"
     return getattr(hint, "__name__", str(hint))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ranges
+
+
+class Range(NamedTuple):
+    """The values a key accepts: a predicate and its description (the text after 'expected')."""
+
+    check: Callable[[Any], bool]
+    text: str
+
+
+def _interval(
+    low: float,
+    high: float | None = None,
+    *,
+    integer: bool = False,
+    open_low: bool = False,
+    open_high: bool = False,
+    null: str | None = None,
+) -> Range:
+    """A finite number (an int if `integer`) between `low` and `high`, closed or open at either end; `null`,
+    when given, describes what None means and lets it pass."""
+
+    def check(value: Any) -> bool:
+        if value is None:
+            return null is not None
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if value <= low if open_low else value < low:
+            return False
+        return high is None or (value < high if open_high else value <= high)
+
+    kind = "an integer" if integer else "a finite number"
+    if high is None:
+        text = f"{kind} {'>' if open_low else '>='} {low}"
+    else:
+        kind = "an integer" if integer else "a number"
+        text = f"{kind} in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    return Range(check, f"{text}, or {null}" if null else text)
+
+
+def _items(count: int, item: Range, null: str | None = None) -> Range:
+    """A list of `count` values that each pass `item`; `null` as in `_interval`."""
+
+    def check(value: Any) -> bool:
+        if value is None:
+            return null is not None
+        return isinstance(value, (list, tuple)) and len(value) == count and all(map(item.check, value))
+
+    text = f"{count} values, each {item.text}"
+    return Range(check, f"{text}, or {null}" if null else text)
+
+
+def _choice(options: Iterable[str]) -> Range:
+    """One of `options`."""
+    allowed = tuple(options)
+    return Range(lambda value: isinstance(value, str) and value in allowed, _one_of(allowed))
+
+
+def _boolean(null: str | None = None) -> Range:
+    """True or false; `null` as in `_interval`."""
+    return Range(
+        lambda value: isinstance(value, bool) or (value is None and null is not None),
+        f"true, false or {null}" if null else "true or false",
+    )
+
+
+def _text(null: str) -> Range:
+    """A non-empty string, or None (meaning `null`)."""
+    return Range(lambda value: value is None or (isinstance(value, str) and value.strip() != ""), null)
+
+
+def _one_of(options: Iterable[str]) -> str:
+    return "one of " + ", ".join(repr(o) for o in options)
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+RANGES: Mapping[str, Range] = types.MappingProxyType(
+    {
+        "data.source": _text("a cache, a dataset to prepare, or null (the built-in synthetic set)"),
+        "data.size": _interval(1, integer=True),
+        "data.holdout": _interval(0, 1, open_high=True),
+        "data.holdout_seed": _interval(0, integer=True),
+        "data.val_split": _choice(VAL_SPLITS),
+        "data.mean": _items(3, _interval(0, 1), null="null (the cache's own)"),
+        "data.std": _items(3, _interval(0, open_low=True), null="null (the cache's own)"),
+        "optim.lr": _interval(0, open_low=True),
+        "optim.lr_base_batch": _interval(1, integer=True),
+        "optim.betas": _items(2, _interval(0, 1, open_high=True)),
+        "optim.eps": _interval(0, open_low=True),
+        "optim.weight_decay": _interval(0),
+        "optim.decay_rel_pos_bias": _boolean(),
+        "optim.grad_clip": _interval(0, open_low=True, null="null (no clipping)"),
+        "optim.fused": _boolean(null="null (where the device supports it)"),
+        "schedule.epochs": _interval(1, integer=True),
+        "schedule.warmup_epochs": _interval(0),
+        "schedule.warmup_start": _interval(0, 1, open_low=True),
+        "schedule.min_lr": _interval(0),
+        "schedule.step": _choice(SCHEDULE_STEPS),
+        "schedule.mix_off_first_epochs": _interval(0, integer=True),
+        "schedule.mix_off_last_epochs": _interval(0, integer=True),
+        "ema.enabled": _boolean(),
+        "ema.decay": _interval(0, 1, open_high=True),
+        "batch_size": _interval(1, integer=True),
+        "accumulation": _interval(1, integer=True),
+        "eval_batch_size": _interval(1, integer=True),
+        "label_smoothing": _interval(0, 1, open_high=True),
+        "precision": _choice(PRECISIONS),
+        "compile": _boolean(),
+        "seed": Range(_interval(0, 2**64, integer=True, open_high=True).check, "an integer in [0, 2**64)"),
+        "device": Range(
+            lambda value: isinstance(value, str) and _DEVICE.fullmatch(value) is not None,
+            "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+        ),
+        "max_nonfinite": _interval(1, integer=True),
+        "threads": _interval(0, integer=True),
+        "time_budget": _interval(0, open_low=True, null="null (no budget)"),
+        "tensorboard": _boolean(),
+    }
+)
+"""Dotted key -> the values it accepts, for every key of TrainConfig but those of the `model` and `augment`
+sections (which `SwinConfig` and `AugmentConfig` check themselves, see `check_ranges`)."""
+
+
+def check_ranges(cfg: TrainConfig, origin: str | Mapping[str, str] = "config") -> None:
+    """Refuse a config with a key outside its range, or a model or augmentation its presets cannot build.
+
+    Every key of `RANGES` is checked; then the AugmentConfig is built, and the SwinConfig is built at the
+    training resolution where the config fixes it (`model.img_size` or `augment.out_size`). A refusal of
+    the SwinConfig is reported where it names a field that the config overrides (or the resolution that
+    `augment.out_size` fixes); one that names a value of the preset, e.g. `num_heads` after `model.depths`
+    alone changed, or the data's image size, is left to the run, which builds the model for its data.
+
+    Args:
+        cfg: the config to check.
+        origin: where the values come from, for the message: one name, or dotted key -> the name of the layer
+            that set it (a refusal in the model or augment section names the latest layer of that section).
+
+    Raises:
+        ConfigError: one line, e.g. "override: schedule.epochs=0: expected an integer >= 1".
+    """
+    for key, allowed in RANGES.items():
+        value = _get(cfg, key)
+        if not allowed.check(value):
+            raise ConfigError(f"{_origin_of(origin, key)}: {key}={_shown(value)}: expected {allowed.text}")
+    _check_augment(cfg, origin)
+    _check_model(cfg, origin)
+
+
+def _get(cfg: TrainConfig, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A value as the messages show it: YAML's lists for tuples, quotes around strings."""
+    return repr(_plain(value))
+
+
+def _origin_of(origin: str | Mapping[str, str], key: str, related: tuple[str, ...] = ()) -> str:
+    """The layer to name for `key`: `origin` itself, or from the map the latest layer that set `key` or a
+    key that starts with one of `related` (e.g. 'model.': fields that are checked together)."""
+    if isinstance(origin, str):
+        return origin
+    latest = [name for dotted, name in origin.items() if dotted == key or dotted.startswith(related)]
+    return latest[-1] if latest else "config"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _check_augment(cfg: TrainConfig, origin: str | Mapping[str, str]) -> None:
+    """Build the AugmentConfig; its refusal becomes a ConfigError naming `augment.<field>`."""
+    preset = cfg.augment.preset
+    if preset not in augment_preset_names():
+        allowed = _one_of(augment_preset_names())
+        raise ConfigError(
+            f"{_origin_of(origin, 'augment.preset')}: augment.preset={preset!r}: expected {allowed}"
+        )
+    try:
+        build_augment_config(cfg)
+    except (TypeError, ValueError) as exc:
+        message = _one_line(str(exc)).removeprefix("augment config: ")
+        found = re.match(r"\w+", message)
+        name = found.group() if found and found.group() in _external_hints("augment") else None
+        if name is None:
+            raise ConfigError(
+                f"{_origin_of(origin, 'augment.preset', ('augment.',))}: augment: {message}"
+            ) from None
+        if name in cfg.augment.overrides:
+            value = cfg.augment.overrides[name]
+        else:
+            value = getattr(augment_preset(preset), name)
+        detail = message.removeprefix(f"{name} ")
+        key = f"augment.{name}"
+        where = _origin_of(origin, key, ("augment.",))
+        raise ConfigError(f"{where}: {key}={_shown(value)}: {detail}") from None
+
+
+def _check_model(cfg: TrainConfig, origin: str | Mapping[str, str]) -> None:
+    """Build the SwinConfig (the preset's own classes); a refusal that names an overridden field, or the
+    resolution fixed by `augment.out_size`, becomes a ConfigError naming `model.<field>`."""
+    preset = cfg.model.preset
+    if preset not in preset_names():
+        allowed = _one_of(preset_names())
+        raise ConfigError(
+            f"{_origin_of(origin, 'model.preset')}: model.preset={preset!r}: expected {allowed}"
+        )
+    overrides = dict(cfg.model.overrides)
+    out_size = build_augment_config(cfg).out_size
+    follows_data = "img_size" not in overrides and not out_size
+    if "img_size" not in overrides and out_size:
+        overrides["img_size"] = int(out_size)
+    try:
+        preset_config(preset, **overrides)
+    except (TypeError, ValueError) as exc:
+        message = _one_line(str(exc))
+        found = re.match(r"SwinConfig\.(\w+)=", message)
+        name = found.group(1) if found else None
+        if name in cfg.model.overrides:
+            key = f"model.{name}"
+            where = _origin_of(origin, key, ("model.",))
+        elif name == "img_size" and not follows_data:
+            key = "model.img_size (augment.out_size)"
+            where = _origin_of(origin, "augment.out_size", ("model.",))
+        else:
+            return
+        value = overrides[name]
+        detail = message.removeprefix(f"SwinConfig.{name}={value!r}: ")
+        raise ConfigError(f"{where}: {key}={_shown(value)}: {detail}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
