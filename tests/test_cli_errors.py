@@ -156,3 +156,18 @@ def test_train_help_lists_every_key(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     missing = [key for key in known_keys() if key not in text]
     assert missing == [] and len(known_keys()) > 60
+
+
+def test_a_config_file_without_preset_applies_over_the_default_preset(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "mine.yaml"
+    config.write_text("schedule:\n  epochs: 1\n")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run_dir), "--quiet", *TINY[:4]]) == 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    default = yaml.safe_load((Path(__file__).parents[1] / "src/tinyswin/configs/default.yaml").read_text())
+    assert saved["schedule"]["epochs"] == 1 and saved["batch_size"] == default["batch_size"] == 32
+    assert saved["optim"]["lr"] == default["optim"]["lr"]
+    assert main(["train", "--config", str(tmp_path), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory, not a YAML config file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "other").exists()

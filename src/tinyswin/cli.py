@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = args.out
     else:
         preset = args.preset or (None if args.config else "default")
-        cfg = load_config(preset, args.config, overrides)
+        cfg = load_config(preset, args.config, overrides, default_preset="default")
         name = preset or Path(args.config).stem
         run_dir = args.out or _default_run_dir(name)
     try:

@@ -162,10 +162,14 @@ def config_preset_names() -> list[str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a YAML config file")
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise FileNotFoundError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file, so not a YAML config") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -197,6 +201,8 @@ def load_config(
     preset: str | None = None,
     file: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] = (),
+    *,
+    default_preset: str | None = None,
 ) -> TrainConfig:
     """Build a training config from a preset, a YAML file and `key=value` overrides, in that order.
 
@@ -204,6 +210,8 @@ def load_config(
         preset: name of a shipped preset (`configs/NAME.yaml`); None: none (a file may name a `base:`).
         file: a YAML file whose keys apply over the preset; it may name a `base:` preset (without `preset`).
         overrides: `dotted.key=value` strings applied last; values read as YAML (`null`, `[2, 2]`, `1e-3`).
+        default_preset: the preset under a `file` that names no `base:` when `preset` is None (the CLI's
+            'default'); None: the dataclass defaults.
 
     Returns:
         The resolved TrainConfig, every key within its range.
@@ -221,8 +229,8 @@ def load_config(
         base = data.pop("base", None)
         if base and preset and base != preset:
             raise ConfigError(f"{file}: names base preset {base!r} but --preset {preset!r} was given")
-        if base and not preset:
-            layers += _preset_layers(base)
+        if not preset and (base or default_preset):
+            layers += _preset_layers(base or default_preset)
         layers.append((str(file), data))
     cfg = TrainConfig()
     origins: dict[str, str] = {}

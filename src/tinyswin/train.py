@@ -209,6 +209,7 @@ def setup_run(
     source: Path = Path("last.pt"),
     wall_start: float | None = None,
     say: LogFn = print,
+    progress: bool = False,
 ) -> Run:
     """Build what a run holds: data, augmentation, model, EMA, optimizer, scheduler, scaler, loop state.
 
@@ -219,6 +220,7 @@ def setup_run(
         source: the checkpoint's path, for messages.
         wall_start: perf_counter() when the run started (default: now).
         say: where notes go.
+        progress: show a progress bar if a source must be prepared first.
     """
     device = resolve_device(cfg.device, dist)
     amp_dtype, use_scaler, note = resolve_precision(cfg.precision, device)
@@ -226,7 +228,12 @@ def setup_run(
         say(note)
     data = cfg.data
     path = resolve_data(
-        data.source, size=data.size, holdout=data.holdout, holdout_seed=data.holdout_seed, log=say
+        data.source,
+        size=data.size,
+        holdout=data.holdout,
+        holdout_seed=data.holdout_seed,
+        log=say,
+        progress=progress,
     )
     cache = load_cache(path)
     splits = eval_splits(cache.splits, data.val_split)
@@ -407,7 +414,9 @@ def train(
     progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
     rundir = RunDir(run_dir, main=dist.is_main, say=say)
     ckpt = rundir.open(resume)
-    run = setup_run(cfg, dist, ckpt=ckpt, source=rundir.last, wall_start=wall_start, say=say)
+    run = setup_run(
+        cfg, dist, ckpt=ckpt, source=rundir.last, wall_start=wall_start, say=say, progress=progress
+    )
     return _train_epochs(run, rundir, ckpt is not None, wall_start, progress, say)
 
 
