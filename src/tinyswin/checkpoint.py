@@ -8,17 +8,20 @@ Reading it cannot run code: `torch.load(weights_only=True)` refuses any pickle t
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from torch import nn
+
+from tinyswin.errors import DiskFullError
 
 FORMAT = 1  # the layout below; a checkpoint of another format is refused on load
 REQUIRED_KEYS = ("format", "model", "model_config", "class_names")
@@ -45,6 +48,8 @@ CONTENTS = (
 # that a test can kill a process in the middle of a checkpoint write.
 WRITE_DELAY_ENV = "TINYSWIN_CHECKPOINT_WRITE_DELAY"
 TEMP_MARKER = ".tmp-"
+# the errors of a write that ran out of room: no space, over quota, or over the file size limit (RLIMIT_FSIZE)
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,28 +75,100 @@ def make_checkpoint(**parts: Any) -> dict[str, Any]:
     return {"format": FORMAT, **parts}
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """`torch.save(obj)` to `path` atomically: a temporary file beside it, fsync, rename, fsync of the folder.
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The out-of-space `OSError` behind `exc` (itself, or one it was raised from or during), or None.
 
-    A reader (or a process killed mid-write) sees either the old file or the new one, never half a file.
+    Of several in the chain, the first that carries the system's text (`strerror`) wins.
+    """
+    found: list[OSError] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            found.append(current)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return next((e for e in found if e.strerror), found[0] if found else None)
+
+
+def disk_full_error(message: str, cause: OSError | None = None) -> DiskFullError:
+    """A `DiskFullError` whose text is `message` alone (one line) and whose errno is the cause's (ENOSPC
+    without one)."""
+    error = DiskFullError(message)
+    error.errno = cause.errno if cause is not None else errno.ENOSPC
+    return error
+
+
+class _RecordingWriter:
+    """A binary file whose failed writes are remembered: `torch.save` reports them as a bare RuntimeError."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], Any]) -> Path:
+    """Write a file atomically: `write(f)` into a temporary file beside `path`, fsync, rename, fsync of the
+    folder. A reader (or a process killed mid-write) sees either the old file or the new one, never half a
+    file; on any failure the temporary file is removed and the old file stays as it was.
+
+    Args:
+        path: the file to write.
+        write: writes the contents to the binary file-like object it is given (`write` and `flush`).
+
+    Returns:
+        `path`.
+
+    Raises:
+        DiskFullError: the disk (or quota, or file size limit) ran out: one line naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+    writer: _RecordingWriter | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
-            delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
-            if delay > 0:
-                time.sleep(delay)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        cause = writer.error if writer is not None and writer.error is not None else disk_full_cause(exc)
+        if isinstance(exc, Exception) and cause is not None and cause.errno in DISK_FULL_ERRNOS:
+            reason = cause.strerror or os.strerror(cause.errno)
+            raise disk_full_error(f"disk full while writing {path} ({reason})", cause) from cause
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """`torch.save(obj)` to `path` through `atomic_write`: the old file or the new one, never half a file.
+
+    Raises:
+        DiskFullError: the disk ran out; the temporary file is gone and the previous `path` is intact.
+    """
+
+    def write(f: Any) -> None:
+        torch.save(obj, f)
+        delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
+        if delay > 0:
+            f.flush()
+            time.sleep(delay)
+
+    return atomic_write(path, write)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -107,12 +184,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is a temporary file of an atomic write: `.NAME.tmp-PID` (or `.NAME.tmp`, the plots')."""
+    return name.startswith(".") and (TEMP_MARKER in name or name.endswith(".tmp"))
+
+
 def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporary files left by writes that were killed; returns what was removed."""
+    """Delete temporary files left in `folder` by writes that were killed; returns what was removed.
+
+    Only call it while no other process writes there (a run directory's lock held).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
     removed = []
-    for p in Path(folder).glob(f".*{TEMP_MARKER}*"):
-        p.unlink(missing_ok=True)
-        removed.append(p)
+    for p in sorted(folder.iterdir()):
+        if is_temp_name(p.name) and not p.is_dir():
+            p.unlink(missing_ok=True)
+            removed.append(p)
     return removed
 
 

@@ -7,33 +7,66 @@
     RUN_DIR/plots/          loss, accuracy and learning rate, redrawn as the run goes
     RUN_DIR/tensorboard/    event files, when TensorBoard is installed and `tensorboard` is on
     RUN_DIR/summary.json    the final numbers
+    RUN_DIR/.lock           the OS file lock of the training that owns the directory (.lock.pid: its pid)
 
-Only rank 0 writes: a `RunDir` with `main=False` writes nothing.
+One training owns a run directory at a time: `RunDir.open` takes an OS file lock (`flock`, which the OS drops
+when the process ends, however it ends) and refuses a directory that another training holds, a directory that
+is not a run, a new run over an old one, and a resume with nothing to resume, before it writes anything.
+Every file goes through an atomic write (temporary file, fsync, rename), so a kill or a full disk leaves each
+file whole: the old version or the new one. Only rank 0 locks and writes: a `RunDir` with `main=False`
+writes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, NoReturn
 
-from tinyswin.checkpoint import atomic_save, load_checkpoint, remove_stale_temps
+from filelock import FileLock, Timeout
+
+from tinyswin.checkpoint import (
+    atomic_save,
+    atomic_write,
+    disk_full_cause,
+    disk_full_error,
+    is_temp_name,
+    load_checkpoint,
+    remove_stale_temps,
+)
 from tinyswin.config import TrainConfig, to_yaml
 from tinyswin.engine import LoopState
+from tinyswin.errors import RunDirError
 from tinyswin.evaluate import EvalResult
 from tinyswin.plots import plot_run
 
 LogFn = Callable[[str], None]
 
+LOCK_NAME = ".lock"
+LOCK_PID_NAME = ".lock.pid"
+# what a run writes besides its lock: any of them in a directory means a run was there
+RUN_FILES = frozenset(
+    {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "plots", "tensorboard"}
+)
+CHECKPOINT_MARGIN = 1.1  # free space wanted before a checkpoint write, in sizes of the previous checkpoint
+
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write `text` to `path` atomically (temporary file, fsync, rename): readers see the old or the new file.
+
+    Raises:
+        DiskFullError: the disk ran out; `path` is as it was and no temporary file is left.
+    """
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _tensorboard(run_dir: Path, enabled: bool) -> Any:
@@ -46,12 +79,97 @@ def _tensorboard(run_dir: Path, enabled: bool) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
+def _files(n: int) -> str:
+    return f"{n} other file" if n == 1 else f"{n} other files"
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+@dataclass(frozen=True)
+class DirContents:
+    """What `--out` holds, as far as telling a run from anything else goes.
+
+    Attributes:
+        exists: the directory exists.
+        run_files: the names a run writes that it holds (config.yaml, last.pt, ...).
+        others: the names that are neither a run's files, nor its lock, nor temporary files of atomic writes.
+        lock: it holds `.lock`: a training took it (and may have died before writing anything).
+    """
+
+    exists: bool
+    run_files: tuple[str, ...] = ()
+    others: tuple[str, ...] = ()
+    lock: bool = False
+
+    @property
+    def is_run(self) -> bool:
+        """A tinyswin run: it holds last.pt, or files a run writes and nothing else."""
+        return "last.pt" in self.run_files or (bool(self.run_files) and not self.others)
+
+
+def inspect_dir(path: Path) -> DirContents:
+    """Read (never write) what `path` holds.
+
+    Raises:
+        RunDirError: `path` exists and is not a directory, or cannot be read.
+    """
+    if not path.exists():
+        if path.is_symlink():
+            raise RunDirError(f"--out {path} is a broken symbolic link: choose another --out")
+        return DirContents(exists=False)
+    if not path.is_dir():
+        raise RunDirError(f"--out {path} is a file, not a directory: choose another --out")
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise RunDirError(f"cannot read {path}: {exc.strerror}") from None
+    own = RUN_FILES | {LOCK_NAME, LOCK_PID_NAME}
+    return DirContents(
+        exists=True,
+        run_files=tuple(n for n in names if n in RUN_FILES),
+        others=tuple(n for n in names if n not in own and not is_temp_name(n)),
+        lock=LOCK_NAME in names,
+    )
+
+
+def check_usable(path: Path, contents: DirContents, resume: bool) -> None:
+    """Refuse a directory that a new run (or, with `resume`, a resumed one) cannot use.
+
+    Raises:
+        RunDirError: one line saying what is wrong and what to do.
+    """
+    if resume:
+        if not contents.exists:
+            raise RunDirError(f"nothing to resume in {path}: it does not exist")
+        if contents.is_run or (contents.lock and not contents.others):
+            return
+        if contents.others:
+            raise RunDirError(
+                f"nothing to resume in {path}: it is not a tinyswin run directory "
+                f"(it holds {_files(len(contents.others))})"
+            )
+        raise RunDirError(f"nothing to resume in {path}: it is empty")
+    if contents.is_run:
+        raise RunDirError(f"{path} already holds a run: resume it with --resume or choose another --out")
+    if contents.others:
+        raise RunDirError(
+            f"{path} is not a tinyswin run directory (it holds {_files(len(contents.others))}); "
+            "choose another --out"
+        )
+
+
 class RunDir:
-    """The run directory of one training run.
+    """The run directory of one training run; also a context manager that `close`s it on exit.
 
     Args:
-        path: the folder (created).
-        main: this process writes (rank 0); other ranks only read.
+        path: the folder (created by `open` for a new run).
+        main: this process locks and writes (rank 0); other ranks only read.
         say: where messages go.
     """
 
@@ -62,59 +180,227 @@ class RunDir:
         self.last = self.path / "last.pt"
         self.best = self.path / "best.pt"
         self.metrics = self.path / "metrics.jsonl"
+        self.lock_file = self.path / LOCK_NAME
+        self.pid_file = self.path / LOCK_PID_NAME
         self.writer: Any = None
+        self._lock: FileLock | None = None
+        self._created: list[Path] = []  # made by `open` (the folder, .lock): removed if `open` fails
+        self._metric_lines: list[str] = []
+        self._last_epoch: int | None = None  # the epoch of the last.pt on disk, if any
         self._plotted_at = 0.0  # when the plots were last drawn ...
         self._plot_seconds = 0.0  # ... and how long that took
 
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def locked(self) -> bool:
+        """This process holds the directory's lock."""
+        return self._lock is not None
+
     def open(self, resume: bool) -> dict[str, Any] | None:
-        """Create the folder (rank 0) and return the checkpoint to resume from, if `resume`.
+        """Check the directory, take its lock (rank 0), and return the checkpoint to resume from.
+
+        Nothing is written in a directory that is refused. Rank 0 creates the folder (new run), takes the
+        lock, records its pid in .lock.pid, and removes temporary files left by killed writes.
+
+        Args:
+            resume: continue the run in the directory (from its last.pt) instead of starting a new one.
+
+        Returns:
+            The last.pt checkpoint when `resume` and the run has one; None for a new run, and for a resumed
+            run that was stopped before its first checkpoint (which then starts from the beginning, and says
+            so).
 
         Raises:
-            ValueError: a run is there already and `resume` is False.
-            FileNotFoundError: `resume` and there is no last.pt.
+            RunDirError: another training holds the directory (naming its pid); `--out` is a file; the
+                directory is not empty and not a run; a new run over an existing run; `resume` with nothing
+                to resume (no such directory, an empty one, or not a run).
+            DiskFullError: no space to create the lock's files.
+            ValueError: last.pt is not a readable tinyswin checkpoint.
         """
+        check_usable(self.path, inspect_dir(self.path), resume)
         if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self._acquire(resume)
+        try:
+            return self._load(resume)
+        except BaseException:
+            self._release(undo=True)
+            raise
+
+    def _acquire(self, resume: bool) -> None:
+        """Create the folder if needed, take the lock without waiting, check the directory again under it."""
+        if not self.path.exists():
+            try:
+                self.path.mkdir(parents=True)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                self._refuse_os_error("create", exc)
+            else:
+                self._created.append(self.path)
+        if not self.lock_file.exists():
+            self._created.append(self.lock_file)
+        lock = FileLock(str(self.lock_file), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            self._release(undo=True)
+            raise RunDirError(
+                f"{self.path} is in use by another training ({self._holder()}): wait for it to end or "
+                "choose another --out"
+            ) from None
+        except OSError as exc:
+            self._release(undo=True)
+            self._refuse_os_error("lock", exc)
+        self._lock = lock
+        try:
+            check_usable(self.path, inspect_dir(self.path), resume)  # another training may have come and gone
+            with self._guard(self.pid_file):
+                write_text_atomic(self.pid_file, f"{os.getpid()} {socket.gethostname()}\n")
             remove_stale_temps(self.path)
-        if not resume and self.last.exists():
-            raise ValueError(
-                f"{self.path} already holds a run (last.pt): resume it with --resume or pick another --out"
+            remove_stale_temps(self.path / "plots")
+        except BaseException:
+            self._release(undo=True)
+            raise
+
+    def _refuse_os_error(self, action: str, exc: OSError) -> NoReturn:
+        cause = disk_full_cause(exc)
+        if cause is not None:
+            raise disk_full_error(
+                f"disk full: cannot {action} {self.path} ({cause.strerror}): free some space", cause
+            ) from exc
+        raise RunDirError(f"cannot {action} {self.path}: {exc.strerror or exc}") from None
+
+    def _holder(self) -> str:
+        """Who holds the lock, from .lock.pid: 'pid N' (on another host: 'pid N on HOST')."""
+        try:
+            pid, host = self.pid_file.read_text().split()
+        except (OSError, ValueError):
+            return "pid unknown"
+        return f"pid {pid}" if host == socket.gethostname() else f"pid {pid} on {host}"
+
+    def _load(self, resume: bool) -> dict[str, Any] | None:
+        if not resume:
+            return None
+        if not self.last.exists():
+            if self.main:
+                self.say(f"no checkpoint in {self.path} yet: starting from the beginning (nothing was lost)")
+            return None
+        ckpt = load_checkpoint(self.last)
+        self._last_epoch = ckpt.get("epoch")
+        return ckpt
+
+    def _release(self, undo: bool) -> None:
+        """Drop the lock (and .lock.pid); with `undo`, also what `open` created: a refusal leaves nothing."""
+        created, self._created = self._created, []
+        if self._lock is not None:
+            try:
+                self.pid_file.unlink(missing_ok=True)
+                if undo and self.lock_file in created:
+                    self.lock_file.unlink(missing_ok=True)
+            finally:
+                self._lock.release()
+                self._lock = None
+        if undo and self.path in created:
+            with suppress(OSError):
+                self.path.rmdir()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer and release the directory's lock; calling it again does nothing."""
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            writer.close()
+        self._release(undo=False)
+
+    @contextmanager
+    def _guard(self, path: Path) -> Iterator[None]:
+        """Turn running out of space while writing `path` into one DiskFullError line that says what to do."""
+        try:
+            yield
+        except Exception as exc:
+            cause = disk_full_cause(exc)
+            if cause is None:
+                raise
+            reason = cause.strerror or os.strerror(cause.errno or 0)
+            message = f"disk full while writing {path} ({reason}): {self._advice()}"
+            raise disk_full_error(message, cause) from exc
+
+    def _advice(self) -> str:
+        if self._last_epoch is None:
+            return "free some space, then start it again with --resume (no epoch was checkpointed yet)"
+        return f"free some space, then resume with --resume (last.pt of epoch {self._last_epoch} is intact)"
+
+    def _check_space(self, path: Path) -> None:
+        """Refuse a checkpoint write early when the free space is clearly less than a checkpoint's size."""
+        sizes = [p.stat().st_size for p in (self.last, self.best) if p.exists()]
+        if not sizes:
+            return
+        needed = CHECKPOINT_MARGIN * max(sizes)
+        free = shutil.disk_usage(self.path).free
+        if free < needed:
+            raise disk_full_error(
+                f"disk full while writing {path} (about {_size(needed)} needed, {_size(free)} free): "
+                f"{self._advice()}"
             )
-        if resume and not self.last.exists():
-            raise FileNotFoundError(f"nothing to resume: {self.last} does not exist")
-        return load_checkpoint(self.last) if resume else None
+
+    def _save(self, ckpt: dict[str, Any], path: Path) -> None:
+        self._check_space(path)
+        with self._guard(path):
+            atomic_save(ckpt, path)
+
+    def _write_metrics(self, lines: list[str]) -> None:
+        with self._guard(self.metrics):
+            write_text_atomic(self.metrics, "".join(lines))
+        self._metric_lines = lines
 
     def start(self, cfg: TrainConfig, history: list[dict[str, Any]]) -> None:
-        """Write config.yaml and the metrics so far; open the TensorBoard writer."""
+        """Write config.yaml and the metrics so far (those of the checkpoint resumed from); open the
+        TensorBoard writer."""
         if not self.main:
             return
         self.write_config(cfg)
-        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
+        self._write_metrics([json.dumps(r) + "\n" for r in history])
         self.writer = _tensorboard(self.path, cfg.tensorboard)
 
     def write_config(self, cfg: TrainConfig) -> None:
         """config.yaml: the config as it stands (a time budget's plan changes its schedule)."""
         if self.main:
-            write_text_atomic(self.path / "config.yaml", to_yaml(cfg))
+            path = self.path / "config.yaml"
+            with self._guard(path):
+                write_text_atomic(path, to_yaml(cfg))
 
     def end_epoch(
         self, record: dict[str, Any], improved: bool, checkpoint: Callable[[], dict[str, Any]]
     ) -> None:
-        """Append the epoch's record, write last.pt (and best.pt if `improved`), redraw the plots when that
-        costs at most ~10% of the time, and log to TensorBoard."""
+        """Write the epoch's files, in an order that keeps `--resume` right if any write fails: best.pt (if
+        `improved`), last.pt, metrics.jsonl (rewritten whole, atomically), then the plots (when redrawing
+        costs at most ~10% of the time) and TensorBoard.
+
+        best.pt goes before last.pt: if last.pt then fails, the resumed run redoes this epoch and writes
+        best.pt again; the other way round, a failed best.pt would stay older than the best epoch last.pt
+        records. metrics.jsonl never holds an epoch that last.pt does not.
+
+        Raises:
+            DiskFullError: the disk ran out; the files written before are whole and `--resume` continues.
+        """
         if not self.main:
             return
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
         ckpt = checkpoint()
         if improved:
-            atomic_save(ckpt, self.best)
-        atomic_save(ckpt, self.last)
+            self._save(ckpt, self.best)
+        self._save(ckpt, self.last)
+        self._last_epoch = ckpt.get("epoch", record.get("epoch"))
+        self._write_metrics([*self._metric_lines, json.dumps(record) + "\n"])
         if time.perf_counter() - self._plotted_at >= 10 * self._plot_seconds:
             start = time.perf_counter()
-            plot_run(self.path)
+            with self._guard(self.path / "plots"):
+                plot_run(self.path)
             self._plotted_at = time.perf_counter()
             self._plot_seconds = self._plotted_at - start
         if self.writer is not None:
@@ -124,16 +410,20 @@ class RunDir:
             self.writer.flush()
 
     def finish(self, cfg: TrainConfig, summary: dict[str, Any], plot: bool) -> None:
-        """Close TensorBoard, draw the plots (if any epoch ran), write config.yaml and summary.json, and say
-        where everything is."""
+        """Close TensorBoard, draw the plots (if any epoch ran), write config.yaml and summary.json, say
+        where everything is, and release the directory (`close`)."""
         if not self.main:
             return
         if self.writer is not None:
-            self.writer.close()
+            writer, self.writer = self.writer, None
+            writer.close()
         if plot:
-            plot_run(self.path)
+            with self._guard(self.path / "plots"):
+                plot_run(self.path)
         self.write_config(cfg)
-        write_text_atomic(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+        path = self.path / "summary.json"
+        with self._guard(path):
+            write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
         best = summary["best_split"]
         self.say(
             f"done: {best} top-1 {100 * summary[f'{best}_top1']:.2f}% (best "
@@ -144,6 +434,7 @@ class RunDir:
         self.say(f"checkpoints:   {self.last}  {self.best}")
         self.say(f"plots:         {self.path / 'plots'}")
         self.say(f"summary:       {self.path / 'summary.json'}")
+        self.close()
 
 
 def format_epoch(record: dict[str, Any], splits: list[str], epochs: int) -> str:
