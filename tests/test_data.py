@@ -6,10 +6,12 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 import zipfile
 from pathlib import Path
 
@@ -19,7 +21,18 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from tinyswin.cli import main
-from tinyswin.data.cache import is_cache, load_cache, prepare, write_cache
+from tinyswin.data.cache import (
+    CacheFileMissingError,
+    CacheMismatchError,
+    DamagedCacheError,
+    is_cache,
+    load_cache,
+    looks_like_cache,
+    prepare,
+    write_cache,
+)
+from tinyswin.data.sources import eval_splits, resolve_data
+from tinyswin.errors import DiskFullError, TinyswinError
 
 # wnids.txt order on purpose differs from the sorted order the cache uses.
 WNIDS = ["n03000003", "n01000001", "n02000002"]
@@ -349,16 +362,19 @@ def test_image_folder_any_mode_any_size(tmp_path):
     (root / "emu" / "notes.txt").write_text("not an image, ignored")
     cache = load_cache(prepare(root, tmp_path / "c", size=32, workers=1, progress=False))
     assert cache.class_ids == ["cat", "dog", "emu"] and cache.class_names == cache.class_ids
-    assert cache.splits == ("train",)
-    images, labels = cache.split("train")
-    assert cache.files("train") == ["cat/a.png", "cat/b.png", "dog/c.jpg", "dog/deeper/d.png", "emu/e.bmp"]
-    assert labels.tolist() == [0, 0, 1, 1, 2]
-    for row, rel in enumerate(cache.files("train")):
+    assert cache.splits == ("train", "val")  # no val in the source: one image of each class but emu's
+    assert cache.meta["class_counts"] == {"train": [1, 1, 1], "val": [1, 1, 0]}
+    every = {rel: (split, row) for split in cache.splits for row, rel in enumerate(cache.files(split))}
+    assert sorted(every) == ["cat/a.png", "cat/b.png", "dog/c.jpg", "dog/deeper/d.png", "emu/e.bmp"]
+    for rel, (split, row) in sorted(every.items()):
+        images, labels = cache.split(split)
+        assert cache.class_ids[labels[row]] == rel.split("/")[0]
         with Image.open(root / rel) as im:
             rgb = im.convert("RGB")
         reference = TF.center_crop(TF.resize(rgb, 32, interpolation=TF.InterpolationMode.BICUBIC), 32)
         np.testing.assert_array_equal(images[row], np.asarray(reference), err_msg=rel)
-    assert np.array_equal(images[4, ..., 0], images[4, ..., 1])
+    grey = cache.split("train")[0][every["emu/e.bmp"][1]]
+    assert np.array_equal(grey[..., 0], grey[..., 1])
 
 
 def test_image_folder_with_val_sibling(tmp_path):
@@ -439,6 +455,271 @@ def test_load_cache_rejects_incomplete_folders(tmp_path):
     assert not is_cache(out)
 
 
+# -------------------- damaged caches
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path below ``root`` with its size and modification time (to show nothing was touched)."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _small_cache(path: Path) -> Path:
+    rng = np.random.default_rng(8)
+    splits = {
+        "train": (rng.integers(0, 256, size=(6, 4, 4, 3), dtype=np.uint8), np.arange(6) % 2),
+        "val": (rng.integers(0, 256, size=(2, 4, 4, 3), dtype=np.uint8), np.array([0, 1])),
+    }
+    return write_cache(path, splits, ["a", "b"], ["A", "B"], "test")
+
+
+def _tiny_folder(root: Path, counts: dict[str, int], size: int = 8) -> Path:
+    """``root/<class>/<i>.png``: ``counts[class]`` small images of each class."""
+    rng = np.random.default_rng(9)
+    for cls, count in counts.items():
+        for i in range(count):
+            _save(root / cls / f"{i}.png", Image.fromarray(_noise(rng, size, size)), "PNG")
+    return root
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _drop_meta_key(path: Path, key: str) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    del meta[key]
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+DAMAGES = {
+    "meta.json missing": (
+        lambda c: (c / "meta.json").unlink(),
+        CacheFileMissingError,
+        "meta.json is missing",
+    ),
+    "meta.json truncated": (
+        lambda c: _truncate(c / "meta.json", 40),
+        DamagedCacheError,
+        "meta.json is unreadable",
+    ),
+    "meta.json empty": (
+        lambda c: _truncate(c / "meta.json", 0),
+        DamagedCacheError,
+        "meta.json is unreadable",
+    ),
+    "meta.json without counts": (
+        lambda c: _drop_meta_key(c, "counts"),
+        DamagedCacheError,
+        "meta.json lacks or garbles counts",
+    ),
+    "images missing": (
+        lambda c: (c / "val_images.npy").unlink(),
+        CacheFileMissingError,
+        "val_images.npy is missing",
+    ),
+    "images short": (
+        lambda c: _truncate(c / "train_images.npy", 200),
+        DamagedCacheError,
+        "train_images.npy is truncated or unreadable",
+    ),
+    "labels empty": (
+        lambda c: _truncate(c / "train_labels.npy", 0),
+        DamagedCacheError,
+        "train_labels.npy is truncated or unreadable",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_a_damaged_cache_is_named_as_such_and_left_alone(tmp_path, monkeypatch, capsys, case):
+    monkeypatch.setenv("TINYSWIN_CACHE", str(tmp_path / "caches"))
+    cache = _small_cache(tmp_path / "c")
+    source = _tiny_folder(tmp_path / "pics", {"ant": 3, "bee": 3})
+    damage, error, what = DAMAGES[case]
+    damage(cache)
+    before = _snapshot(tmp_path)
+    assert looks_like_cache(cache) and not is_cache(cache)
+    expected = rf"^damaged tinyswin cache {cache}: {what}.*; delete the folder and prepare it again$"
+    for attempt in (load_cache, lambda c: resolve_data(str(c), log=print)):
+        with pytest.raises(error, match=expected) as info:
+            attempt(cache)
+        assert isinstance(info.value, TinyswinError) and "\n" not in str(info.value)
+    with pytest.raises(DamagedCacheError, match=expected):
+        prepare(source, cache, size=8, workers=1, progress=False)
+    assert main(["prepare", str(cache), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"damaged tinyswin cache {cache}: {what}" in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_partial_leftover_is_a_damaged_cache_and_a_dataset_meta_json_is_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYSWIN_CACHE", str(tmp_path / "caches"))
+    cache = _small_cache(tmp_path / "c")
+    leftover = tmp_path / ".c.partial-4242-abcd1234"
+    leftover.mkdir()
+    (leftover / "train_images.npy").write_bytes((cache / "train_images.npy").read_bytes()[:100])
+    before = _snapshot(tmp_path)
+    with pytest.raises(
+        CacheFileMissingError, match=r"damaged tinyswin cache .*\.c\.partial-4242-abcd1234: meta"
+    ):
+        resolve_data(str(leftover), log=print)
+    assert _snapshot(tmp_path) == before
+    with pytest.raises(ValueError, match=r"is a tinyswin cache already, not a dataset to prepare"):
+        prepare(cache, tmp_path / "again", progress=False)
+    assert resolve_data(str(cache)) == cache
+    data = _tiny_folder(tmp_path / "pics", {"ant": 2, "bee": 2})
+    (data / "meta.json").write_text('{"license": "CC0"}')
+    assert not looks_like_cache(data)
+    assert load_cache(resolve_data(str(data), log=lambda _m: None)).meta["counts"] == {"train": 2, "val": 2}
+
+
+# -------------------- a val split held out where the source has none
+
+
+def test_a_source_without_val_gets_one_carved_from_train(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TINYSWIN_CACHE", str(tmp_path / "caches"))
+    root = _tiny_folder(tmp_path / "bugs", {"ant": 10, "bee": 5, "cicada": 1})
+    notes: list[str] = []
+    cache = load_cache(resolve_data(str(root), size=8, log=notes.append))
+    assert capsys.readouterr().err.startswith("decoding 16 images of bugs")
+    assert notes[1] == f"{root} has no val split: holding out 10% of each class as 'val'"
+    assert notes[2].endswith("3 classes, 8px; images: train 14, val 2") and len(notes) == 3
+    assert cache.splits == ("train", "val")
+    assert eval_splits(cache.splits, "val") == ["val"]
+    assert cache.meta["val_from_train"] == {"fraction": 0.1, "seed": 0}
+    assert cache.meta["class_counts"] == {"train": [9, 4, 1], "val": [1, 1, 0]}  # one image: stays in train
+    everything = sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+    assert sorted(cache.files("train") + cache.files("val")) == everything
+    again = load_cache(prepare(root, tmp_path / "again", size=8, workers=2, progress=False))
+    assert again.files("val") == cache.files("val")
+    held = load_cache(prepare(root, tmp_path / "held", size=8, holdout=0.25, seed=3, progress=False))
+    assert held.splits == ("train", "holdout", "val")
+    assert held.files("val") == cache.files("val")  # val first, then holdout from what is left of train
+    assert held.meta["class_counts"] == {"train": [7, 3, 1], "holdout": [2, 1, 0], "val": [1, 1, 0]}
+    assert not set(held.files("holdout")) & set(cache.files("val"))
+    assert capsys.readouterr() == ("", "")
+    flat = load_cache(prepare(root / ".." / "bugs", tmp_path / "loud", size=8, workers=1))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{root / '..' / 'bugs'} has no val split: holding out 10% of each class as 'val'"
+    assert flat.files("val") == cache.files("val")
+
+
+def test_train_only_layouts_get_val_and_sources_with_val_keep_theirs(ti_folder, tmp_path):
+    rng = np.random.default_rng(10)
+    for split, count in (("train", 4), ("test", 1)):
+        for cls in ("rose", "tulip"):
+            for i in range(count):
+                _save(tmp_path / "f" / split / cls / f"{i}.png", Image.fromarray(_noise(rng, 8, 8)), "PNG")
+    cache = load_cache(prepare(tmp_path / "f", tmp_path / "c", size=8, progress=False))
+    assert cache.splits == ("train", "val", "test")
+    assert cache.meta["class_counts"] == {"train": [3, 3], "val": [1, 1], "test": [1, 1]}
+    assert all(f.startswith("train/") for f in cache.files("val"))
+    root, _ = ti_folder
+    ti = load_cache(prepare(root, tmp_path / "ti", workers=1, progress=False))
+    assert ti.meta["val_from_train"] is None and ti.meta["counts"] == {"train": 3 * PER_CLASS, "val": 7}
+    single = _tiny_folder(tmp_path / "single", {"ant": 1, "bee": 1})
+    notes: list[str] = []
+    lone = load_cache(prepare(single, tmp_path / "lone", size=8, progress=False, log=notes.append))
+    assert lone.splits == ("train",) and lone.meta["val_from_train"] is None
+    assert notes == [f"{single} has no val split, and no class has two images to hold one out as 'val'"]
+
+
+def test_a_cache_prepared_before_val_was_carved_asks_to_be_deleted(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYSWIN_CACHE", str(tmp_path / "caches"))
+    root = _tiny_folder(tmp_path / "bugs", {"ant": 3, "bee": 3})
+    out = resolve_data(str(root), size=8, log=lambda _m: None)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["val_from_train"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    before = _snapshot(tmp_path)
+    message = (
+        rf"^the cache {out} prepared earlier from {root} no longer matches it \(val_from_train: .*\); delete"
+    )
+    with pytest.raises(CacheMismatchError, match=message):
+        resolve_data(str(root), size=8, log=lambda _m: None)
+    assert _snapshot(tmp_path) == before
+
+
+# -------------------- progress
+
+
+def _many(root: Path) -> Path:
+    return _tiny_folder(root, {f"c{k}": 40 for k in range(5)})
+
+
+def test_quiet_prepare_prints_nothing(tmp_path, capfd):
+    prepare(_many(tmp_path / "many"), tmp_path / "c", size=8, workers=2, progress=False)
+    assert capfd.readouterr() == ("", "")
+
+
+def test_progress_off_a_terminal_is_a_line_not_a_bar(tmp_path, capfd, monkeypatch):
+    root = _many(tmp_path / "many")
+    prepare(root, tmp_path / "c", size=8, workers=2, progress=True)
+    out, err = capfd.readouterr()
+    assert "\r" not in err and len(err.splitlines()) <= 2
+    assert err.splitlines() == ["decoding 200 images of many (2 processes)"]
+    assert out.splitlines()[-1] == f"{tmp_path / 'c'}: 5 classes, 8px; images: train 180, val 20"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    prepare(root, tmp_path / "d", size=8, workers=1, progress=True)
+    assert "decoding many" in terminal.getvalue() and "200/200" in terminal.getvalue()
+
+
+# -------------------- bad input on the data side: one line each
+
+
+def test_out_that_is_a_file_or_under_one_is_refused(tmp_path, capsys):
+    root = _tiny_folder(tmp_path / "pics", {"ant": 2, "bee": 2})
+    (tmp_path / "taken").write_text("mine")
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"--out .*taken is a file, not a folder; choose another --out"):
+        prepare(root, tmp_path / "taken", size=8, progress=False)
+    with pytest.raises(
+        ValueError, match=r"cannot create the cache folder .*taken/c \(.*\); choose another --out"
+    ):
+        prepare(root, tmp_path / "taken" / "c", size=8, progress=False)
+    assert main(["prepare", str(root), "--out", str(tmp_path / "taken"), "--quiet"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert _snapshot(tmp_path) == before
+
+
+def test_unreadable_sources_and_a_damaged_zip_member_are_one_line(ti_folder, tmp_path, monkeypatch):
+    root, _ = ti_folder
+    stored = tmp_path / "stored.zip"
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"tiny-imagenet-200/{path.relative_to(root).as_posix()}")
+    data = stored.read_bytes()
+    assert data.count(b"n03000003\nn01000001") == 1
+    stored.write_bytes(data.replace(b"n03000003\nn01000001", b"n03000004\nn01000001"))
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"cannot read .*stored\.zip:tiny-imagenet-200/wnids\.txt \(Bad CRC"):
+        prepare(stored, tmp_path / "out", progress=False)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "listdir", denied)
+    with pytest.raises(ValueError, match=rf"cannot read the source {root} \(Permission denied\)"):
+        prepare(root, tmp_path / "out", progress=False)
+    assert _snapshot(tmp_path) == before
+
+
+def test_too_little_disk_space_is_refused_before_decoding(tmp_path, monkeypatch):
+    root = _tiny_folder(tmp_path / "pics", {"ant": 2, "bee": 2})
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: types.SimpleNamespace(free=100))
+    before = _snapshot(tmp_path)
+    with pytest.raises(DiskFullError, match=r"not enough space for the cache .*out: 4 images of 8px need"):
+        prepare(root, tmp_path / "out", size=8, progress=False)
+    assert _snapshot(tmp_path) == before
+
+
 # -------------------- CLI, interruption
 
 
@@ -485,7 +766,7 @@ def test_interrupted_prepare_leaves_no_cache_and_a_rerun_works(tmp_path):
     leftovers = list(out.parent.iterdir())
     assert leftovers and all(not is_cache(p) for p in leftovers)
     cache = load_cache(prepare(root, out, size=48, workers=2, progress=False))
-    assert cache.meta["counts"] == {"train": 3000}
+    assert cache.meta["counts"] == {"train": 2700, "val": 300}
     assert list(out.parent.iterdir()) == [out]
 
 

@@ -3,7 +3,8 @@
 On-disk layout of a cache folder::
 
     meta.json               format_version, tinyswin_version, source, source_kind, source_digest,
-                            image_size, holdout {fraction, seed}, class_ids, class_names, splits,
+                            image_size, holdout {fraction, seed}, val_from_train ({fraction, seed}
+                            of a val split carved from train, or None), class_ids, class_names, splits,
                             counts {split: N}, class_counts {split: [N per class]}, mean, std (over
                             every pixel of train, per channel, 0..1 scale), skipped (files left out by
                             --skip-bad); class_words for Tiny ImageNet (the full words.txt line)
@@ -16,23 +17,32 @@ sha256 of the sorted listing of the source's files (relative names and sizes), s
 folder it unpacks to give the same digest and the same cache.
 
 A cache is written into a hidden temporary folder beside its target (``.NAME.partial-PID-XXXX``), with
-``meta.json`` last, and renamed into place at the end: an interrupted run never leaves a folder that looks
-like a cache (its leftover is removed by the next run onto the same target). Preparing onto an existing cache
-made from the same source listing with the same options returns at once; an existing folder that differs is
-an error naming the difference, never overwritten.
+``meta.json`` last, and renamed into place at the end: an interrupted run never leaves a folder that loads as
+a cache (its leftover, a damaged cache if read, is removed by the next run onto the same target). Preparing
+onto an existing cache made from the same source listing with the same options returns at once; an existing
+folder that differs is an error naming the difference, never overwritten.
 
-The split ``holdout`` (``holdout > 0``) is carved from train: in every class, ``round(fraction * n)`` images
-(at least one, and never the whole class), drawn with ``numpy.random.default_rng(seed)``.
+A source with no val split (``root/<class>/*``, or ``root/train/<class>`` alone) gets one carved from train:
+``VAL_FRACTION`` of every class, drawn with ``VAL_SEED`` (recorded as meta ``val_from_train``; None where the
+source has its own val). The split ``holdout`` (``holdout > 0``) is then carved from what is left of train.
+Both take, in every class, ``round(fraction * n)`` images (at least one, and never the whole class: a class of
+one image stays in train), drawn with ``numpy.random.default_rng(seed)``.
+
+A folder that looks like a cache (a ``.partial-`` name, ``<split>_images.npy`` / ``<split>_labels.npy`` files,
+or a meta.json that is not JSON or has a format_version) but does not load is a damaged cache: reading it
+raises :class:`DamagedCacheError` naming what is wrong, never treats it as a source of images.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +52,46 @@ import numpy as np
 from tinyswin.data.decode import available_cpus, channel_histogram, decode_splits, drop_rows
 from tinyswin.data.imagefolder import DatasetPlan, SourceTree, list_source, plan_imagefolder
 from tinyswin.data.tinyimagenet import is_tinyimagenet, plan_tinyimagenet
+from tinyswin.errors import DiskFullError, TinyswinError
 from tinyswin.version import __version__
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 PARTIAL_TAG = ".partial-"
+VAL_FRACTION = 0.1
+VAL_SEED = 0
+_META_TYPES = {
+    "image_size": int,
+    "splits": list,
+    "counts": dict,
+    "class_ids": list,
+    "class_names": list,
+    "mean": list,
+    "std": list,
+}
+
+
+class DamagedCacheError(TinyswinError, ValueError):
+    """A folder that looks like a tinyswin cache but is incomplete or corrupt (the message says what is wrong
+    and to delete the folder and prepare it again)."""
+
+
+class CacheFileMissingError(DamagedCacheError, FileNotFoundError):
+    """A damaged cache whose meta.json or one of its arrays is missing."""
+
+
+class CacheMismatchError(TinyswinError, ValueError):
+    """An existing cache made from another source listing or with other options than asked.
+
+    Attributes:
+        path: the existing cache folder.
+        differences: what differs, one phrase each.
+    """
+
+    def __init__(self, message: str, path: Path, differences: list[str]) -> None:
+        super().__init__(message)
+        self.path = path
+        self.differences = differences
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -117,36 +162,108 @@ class Cache:
         return int(self.meta["image_size"])
 
 
-def load_cache(path: str | os.PathLike[str]) -> Cache:
-    """Open a cache folder, checking its meta and the shapes of its arrays.
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
-    Raises:
-        FileNotFoundError: no cache at ``path`` (no meta.json) or an array file is missing.
-        ValueError: unreadable meta.json, another format version, or arrays that disagree with the meta.
+
+def _damaged(path: Path, what: str) -> str:
+    return f"damaged tinyswin cache {path}: {what}; delete the folder and prepare it again"
+
+
+def looks_like_cache(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder a cache would leave, complete or not.
+
+    That is a folder named like the temporary folder of ``prepare`` (``.partial-``), or holding
+    ``<split>_images.npy`` / ``<split>_labels.npy`` files, or a meta.json that is not JSON or has a
+    ``format_version`` (a dataset's own meta.json is not taken for a cache's).
     """
     path = Path(path).expanduser()
+    if not path.is_dir():
+        return False
+    if PARTIAL_TAG in path.name:
+        return True
+    if any(path.glob("*_images.npy")) or any(path.glob("*_labels.npy")):
+        return True
     meta_path = path / META_NAME
     if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return isinstance(meta, dict) and "format_version" in meta
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The checked meta.json of the cache at ``path``."""
+    meta_path = path / META_NAME
+    if not meta_path.is_file():
+        if looks_like_cache(path):
+            what = "meta.json is missing (left by an interrupted or failed `tinyswin prepare`?)"
+            raise CacheFileMissingError(_damaged(path, what))
         raise FileNotFoundError(
             f"not a tinyswin cache: {meta_path} not found (make one with `tinyswin prepare`)"
         )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"unreadable cache metadata {meta_path}: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_path}: cache format version {found}, this tinyswin reads {FORMAT_VERSION}")
-    size = int(meta["image_size"])
+        raise DamagedCacheError(
+            _damaged(path, f"meta.json is unreadable or truncated ({_one_line(exc)})")
+        ) from exc
+    if not isinstance(meta, dict) or "format_version" not in meta:
+        raise DamagedCacheError(_damaged(path, "meta.json is not a cache's metadata (no format_version)"))
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path}: cache format version {meta['format_version']!r}, this tinyswin reads "
+            f"{FORMAT_VERSION}; prepare the source again into a new folder"
+        )
+    garbled = [key for key, kind in _META_TYPES.items() if not isinstance(meta.get(key), kind)]
+    if not garbled:
+        garbled = [
+            f"counts of {split!r}"
+            for split in meta["splits"]
+            if not isinstance(meta["counts"].get(split), int)
+        ]
+    if garbled:
+        raise DamagedCacheError(_damaged(path, f"meta.json lacks or garbles {', '.join(garbled)}"))
+    return meta
+
+
+def _check_array(path: Path, file_name: str, shape: tuple[int, ...], dtype: type) -> None:
+    file = path / file_name
+    if not file.is_file():
+        raise CacheFileMissingError(_damaged(path, f"{file_name} is missing"))
+    try:
+        array = np.load(file, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:
+        raise DamagedCacheError(
+            _damaged(path, f"{file_name} is truncated or unreadable ({_one_line(exc)})")
+        ) from exc
+    if array.shape != shape:
+        raise DamagedCacheError(
+            _damaged(path, f"{file_name} has shape {array.shape}, meta.json says {shape}")
+        )
+    if array.dtype != dtype:
+        raise DamagedCacheError(_damaged(path, f"{file_name} holds {array.dtype}, not {np.dtype(dtype)}"))
+
+
+def load_cache(path: str | os.PathLike[str]) -> Cache:
+    """Open a cache folder, checking its meta and the shapes of its arrays.
+
+    Raises:
+        FileNotFoundError: no cache at ``path`` (no meta.json, and nothing of a cache either).
+        CacheFileMissingError: a damaged cache: meta.json or an array file is missing (a FileNotFoundError).
+        DamagedCacheError: a damaged cache: meta.json unreadable or garbled, or an array truncated or not as
+            meta.json says (a ValueError).
+        ValueError: a cache of another format version.
+    """
+    path = Path(path).expanduser()
+    meta = _read_meta(path)
+    size = meta["image_size"]
     for split in meta["splits"]:
-        n = int(meta["counts"][split])
-        for suffix, shape in (("images", (n, size, size, 3)), ("labels", (n,))):
-            file = path / f"{split}_{suffix}.npy"
-            if not file.is_file():
-                raise FileNotFoundError(f"cache array missing: {file}")
-            found_shape = np.load(file, mmap_mode="r").shape
-            if found_shape != shape:
-                raise ValueError(f"{file}: shape {found_shape}, meta.json says {shape}")
+        n = meta["counts"][split]
+        _check_array(path, f"{split}_images.npy", (n, size, size, 3), np.uint8)
+        _check_array(path, f"{split}_labels.npy", (n,), np.int64)
     return Cache(path=path, meta=meta)
 
 
@@ -192,24 +309,27 @@ def _existing_matches(out: Path, expected: dict[str, Any], allow_skipped: bool =
     A cache that left out bad images matches only if ``allow_skipped``.
 
     Raises:
-        ValueError: ``out`` exists and is not a matching cache (the message names what differs).
+        DamagedCacheError: ``out`` is a damaged cache (the message says what is wrong).
+        CacheMismatchError: ``out`` is a cache made otherwise (the message names what differs).
+        ValueError: ``out`` is a file, or a folder of other files.
     """
     if not out.exists():
         return False
-    if out.is_dir() and not any(out.iterdir()):
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+    if not any(out.iterdir()):
         return False
-    if not is_cache(out):
+    if not looks_like_cache(out):
         raise ValueError(
             f"{out} exists and is not a complete tinyswin cache; remove it or choose another --out"
         )
-    meta = json.loads((out / META_NAME).read_text(encoding="utf-8"))
+    meta = load_cache(out).meta
     diffs = _differences(meta, expected)
     if meta.get("skipped") and not allow_skipped:
         diffs.append(f"the cache left out {len(meta['skipped'])} bad image(s), asked without --skip-bad")
     if diffs:
-        raise ValueError(
-            f"{out} holds a different cache ({'; '.join(diffs)}); remove it or choose another --out"
-        )
+        message = f"{out} holds a different cache ({'; '.join(diffs)}); remove it or choose another --out"
+        raise CacheMismatchError(message, out, diffs)
     return True
 
 
@@ -229,11 +349,45 @@ def _remove_stale_partials(out: Path) -> None:
             continue
 
 
+def _disk_full(exc: OSError, out: Path) -> DiskFullError | None:
+    """The one-line error for a write that failed for lack of space or quota, else None."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return DiskFullError(
+        f"no space left for the cache {out} ({exc.strerror}); free some space or choose another --out"
+    )
+
+
 def _new_partial(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}{PARTIAL_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    """A new temporary folder beside ``out``.
+
+    Raises:
+        DiskFullError: no space left to create it.
+        ValueError: it cannot be created (a parent is a file, no permission, ...).
+    """
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}{PARTIAL_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as exc:
+        full = _disk_full(exc, out)
+        if full is not None:
+            raise full from exc
+        raise ValueError(
+            f"cannot create the cache folder {out} ({exc.strerror or _one_line(exc)}); choose another --out"
+        ) from exc
     return tmp
+
+
+def _check_free_space(tmp: Path, out: Path, n_images: int, size: int) -> None:
+    """Fail before decoding when the images cannot fit (a full disk under a memory map is a crash)."""
+    need = n_images * size * size * 3
+    free = shutil.disk_usage(tmp).free
+    if need > free:
+        raise DiskFullError(
+            f"not enough space for the cache {out}: {n_images:,} images of {size}px need "
+            f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free; free some space or choose another --out"
+        )
 
 
 def _publish(tmp: Path, meta: dict[str, Any], out: Path) -> None:
@@ -244,8 +398,8 @@ def _publish(tmp: Path, meta: dict[str, Any], out: Path) -> None:
     try:
         os.rename(tmp, out)
     except OSError as exc:
-        same = ("format_version", "source_digest", "image_size", "holdout")
-        if is_cache(out) and not _differences(load_cache(out).meta, {k: meta[k] for k in same}):
+        same = ("format_version", "source_digest", "image_size", "holdout", "val_from_train")
+        if is_cache(out) and not _differences(load_cache(out).meta, {k: meta.get(k) for k in same}):
             shutil.rmtree(tmp, ignore_errors=True)  # another process made the same cache meanwhile
             return
         raise ValueError(f"could not move the new cache into place at {out}: {exc}") from exc
@@ -385,10 +539,16 @@ def write_cache(
 # ----------------------------------------------------------------------------------------------- prepare
 
 
-def _holdout_split(
-    files: list[str], labels: np.ndarray, fraction: float, seed: int, num_classes: int
+def _stratified_split(
+    files: list[str], labels: np.ndarray, fraction: float, seed: int, num_classes: int, name: str
 ) -> dict[str, tuple[list[str], np.ndarray]]:
-    """Stratified holdout: in each class, round(fraction * n) images (>= 1, < n), seeded; order is kept."""
+    """Carve split ``name`` from train: in each class, round(fraction * n) images (>= 1, < n), seeded.
+
+    A class of one image stays whole in train. Rows keep their order.
+
+    Returns:
+        {"train": (files, labels), name: (files, labels)}; ``name`` is left out when no class could give any.
+    """
     rng = np.random.default_rng(seed)
     held = np.zeros(len(labels), dtype=bool)
     for cls in range(num_classes):
@@ -398,10 +558,46 @@ def _holdout_split(
             held[rng.permutation(rows)[:k]] = True
     keep = np.flatnonzero(~held)
     take = np.flatnonzero(held)
-    return {
-        "train": ([files[i] for i in keep], labels[keep]),
-        "holdout": ([files[i] for i in take], labels[take]),
-    }
+    carved = {"train": ([files[i] for i in keep], labels[keep])}
+    if len(take):
+        carved[name] = ([files[i] for i in take], labels[take])
+    return carved
+
+
+def _plan_splits(
+    plan: DatasetPlan, holdout: float, seed: int, source: Path
+) -> tuple[dict[str, tuple[list[str], np.ndarray]], dict[str, Any] | None, str | None]:
+    """The splits to decode: the source's, plus 'val' carved from train where the source has none, plus
+    'holdout' carved from what is left of train.
+
+    Returns:
+        the splits (train, holdout, val, then the others), the meta ``val_from_train`` (None where the
+        source has its own val), and a note for the user about the carved val (None where there is none).
+
+    Raises:
+        ValueError: a holdout is asked for and no class has an image to spare.
+    """
+    splits = dict(plan.splits)
+    num_classes = len(plan.class_ids)
+    val_from_train = None
+    text = None
+    if "val" not in splits:
+        carved = _stratified_split(*splits.pop("train"), VAL_FRACTION, VAL_SEED, num_classes, "val")
+        splits = {**carved, **splits}
+        if "val" in carved:
+            val_from_train = {"fraction": VAL_FRACTION, "seed": VAL_SEED}
+            text = f"{source} has no val split: holding out {VAL_FRACTION:.0%} of each class as 'val'"
+        else:
+            text = f"{source} has no val split, and no class has two images to hold one out as 'val'"
+    if holdout > 0:
+        carved = _stratified_split(*splits.pop("train"), holdout, seed, num_classes, "holdout")
+        if "holdout" not in carved:
+            raise ValueError(
+                f"holdout={holdout:g}: no class of {source} has a train image to spare; prepare it without "
+                "a holdout"
+            )
+        splits = {**carved, **splits}
+    return splits, val_from_train, text
 
 
 def _check_options(size: int, holdout: float, workers: int | None) -> None:
@@ -451,6 +647,15 @@ def _write_labels(
     return labels_by_split
 
 
+def _refuse_cache_as_source(source: str | os.PathLike[str]) -> None:
+    """A cache given where a dataset is expected: say so in one line (and what is wrong if it is damaged)."""
+    if looks_like_cache(source):
+        load_cache(source)
+        raise ValueError(
+            f"{source} is a tinyswin cache already, not a dataset to prepare: train on it directly (--data)"
+        )
+
+
 def prepare(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -461,13 +666,15 @@ def prepare(
     workers: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Decode a dataset once into a uint8 cache at ``out``.
 
     ``source`` is a Tiny ImageNet zip or folder (see :mod:`tinyswin.data.tinyimagenet`) or an image-folder
     root, as a folder or a zip (see :mod:`tinyswin.data.imagefolder`). The layout is checked and every error
     found before anything is written; images are decoded by a pool of processes, each with its own zip
-    handle, straight into the memory-mapped arrays of a temporary folder renamed into place at the end.
+    handle, straight into the memory-mapped arrays of a temporary folder renamed into place at the end. A
+    source with no val split gets one carved from train (``VAL_FRACTION`` of each class; a note says so).
 
     Args:
         source: the zip file or folder.
@@ -478,42 +685,51 @@ def prepare(
         skip_bad: leave unreadable images out (and report how many) instead of failing.
         workers: decoding processes (default: the CPUs available).
         seed: seed of the holdout draw.
-        progress: show a progress bar and print the counts.
+        progress: show a progress bar (on a terminal only) and the counts; off, nothing is printed but the
+            warning about images left out by ``skip_bad`` (and the notes, where ``log`` is given).
+        log: where the notes (a val split carved from train) and, with ``progress``, the counts go
+            (default: print, and notes only with ``progress``).
 
     Returns:
         The cache folder.
 
     Raises:
         FileNotFoundError: missing source or index file (``wnids.txt``, ``val/val_annotations.txt``).
-        ValueError: a bad layout, bad images (all listed), or an existing different cache at ``out``.
+        DamagedCacheError: ``out`` is a damaged cache.
+        CacheMismatchError: ``out`` is a cache made from another source or with other options.
+        DiskFullError: not enough space for the cache.
+        ValueError: a bad layout, bad images (all listed), or an ``out`` that is a file or another folder.
     """
     _check_options(size, holdout, workers)
+    say = log if log is not None else print
     out = Path(out).expanduser()
+    _refuse_cache_as_source(source)
     tree = list_source(source)
     source_root = tree.path.resolve()
     if not tree.is_zip and (out.resolve() == source_root or source_root in out.resolve().parents):
         raise ValueError(f"--out {out} must not be inside the source folder {tree.path}")
+    plan = _plan_source(tree)
+    splits, val_from_train, text = _plan_splits(plan, holdout, seed, tree.path)
     holdout_meta = {"fraction": float(holdout), "seed": int(seed) if holdout > 0 else None}
     expected = {
         "format_version": FORMAT_VERSION,
         "source_digest": tree.digest(),
         "image_size": size,
         "holdout": holdout_meta,
+        "val_from_train": val_from_train,
     }
     if _existing_matches(out, expected, allow_skipped=skip_bad):
         if progress:
-            print(f"{out}: cache already made from this source with these options")
+            say(f"{out}: cache already made from this source with these options")
         return out
-    plan = _plan_source(tree)
-    splits = dict(plan.splits)
-    if holdout > 0:
-        train_files, train_labels = splits.pop("train")
-        splits = {**_holdout_split(train_files, train_labels, holdout, seed, len(plan.class_ids)), **splits}
+    if text is not None and (progress or log is not None):
+        say(text)
     source_kind = f"{plan.kind}-{'zip' if tree.is_zip else 'folder'}"
     _remove_stale_partials(out)
     n_workers = workers or available_cpus()
     tmp = _new_partial(out)
     try:
+        _check_free_space(tmp, out, sum(len(files) for files, _ in splits.values()), size)
         bad, hist = decode_splits(tree, splits, tmp, size, n_workers, progress)
         if bad and not skip_bad:
             raise ValueError(_bad_files_message(tree.path, bad))
@@ -529,10 +745,17 @@ def prepare(
             labels=labels_by_split,
             train_hist=hist,
         )
+        meta["val_from_train"] = val_from_train
         if plan.class_words is not None:
             meta["class_words"] = plan.class_words
         meta["skipped"] = sorted(text for _, _, text in bad)
         _publish(tmp, meta, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(exc, out)
+        if full is not None:
+            raise full from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -542,10 +765,10 @@ def prepare(
             file=sys.stderr,
         )
     if progress:
-        _print_summary(out, meta)
+        say(_summary(out, meta))
     return out
 
 
-def _print_summary(out: Path, meta: dict[str, Any]) -> None:
+def _summary(out: Path, meta: dict[str, Any]) -> str:
     counts = ", ".join(f"{split} {n:,}" for split, n in meta["counts"].items())
-    print(f"{out}: {len(meta['class_ids'])} classes, {meta['image_size']}px; images: {counts}")
+    return f"{out}: {len(meta['class_ids'])} classes, {meta['image_size']}px; images: {counts}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,7 +151,11 @@ def decode_splits(
     workers: int,
     progress: bool,
 ) -> tuple[list[tuple[str, int, str]], np.ndarray]:
-    """Decode every split into ``folder``; returns the bad files and the train histogram."""
+    """Decode every split into ``folder``; returns the bad files and the train histogram.
+
+    With ``progress``, a progress bar shows on a terminal; elsewhere (a log file, a pipe) one line says what
+    is decoded instead of a bar's every update.
+    """
     total = sum(len(files) for files, _ in splits.values())
     chunk = int(min(256, max(8, math.ceil(total / (workers * 16)))))
     tasks = [
@@ -166,8 +171,15 @@ def decode_splits(
     bad: list[tuple[str, int, str]] = []
     hist = np.zeros((3, 256), dtype=np.int64)
     workers = min(workers, len(tasks))
+    on_terminal = sys.stderr is not None and sys.stderr.isatty()
+    if progress and not on_terminal:
+        print(f"decoding {total:,} images of {tree.path.name} ({workers} processes)", file=sys.stderr)
     bar = tqdm(
-        total=total, unit="img", desc=f"decoding {tree.path.name}", disable=not progress, smoothing=0.05
+        total=total,
+        unit="img",
+        desc=f"decoding {tree.path.name}",
+        disable=not (progress and on_terminal),
+        smoothing=0.05,
     )
     with bar:
         for n, chunk_bad, chunk_hist in _run_tasks(tree, folder, size, tasks, workers):

@@ -6,7 +6,7 @@ read directly, never extracted.
 
 Image-folder layout (any format Pillow reads, any size)::
 
-    root/<class>/**/<image>                      one split, 'train'
+    root/<class>/**/<image>                      one split, 'train' (``prepare`` holds out 'val' from it)
     root/train/<class>/**/<image>                with optional labelled siblings:
     root/val/<class>/**/<image>                  split 'val'
     root/test/<class>/**/<image>                 split 'test'
@@ -23,6 +23,7 @@ import hashlib
 import io
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,10 @@ class SourceTree:
         return found
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _parent(rel: str) -> str:
     return rel.rsplit("/", 1)[0] if "/" in rel else ""
 
@@ -139,8 +144,17 @@ class SourceReader:
         return (self.tree.path / self.tree.prefix / rel).read_bytes()
 
     def read_text(self, rel: str) -> str:
-        """The text of the file at relative path ``rel`` (UTF-8)."""
-        return self.read(rel).decode("utf-8", errors="replace")
+        """The text of the file at relative path ``rel`` (UTF-8).
+
+        Raises:
+            ValueError: the file cannot be read (a damaged zip member, no permission).
+        """
+        try:
+            data = self.read(rel)
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            hint = "the archive may be damaged: download it again" if self.tree.is_zip else "check the file"
+            raise ValueError(f"cannot read {self.tree.where(rel)} ({_one_line(exc)}); {hint}") from exc
+        return data.decode("utf-8", errors="replace")
 
     def close(self) -> None:
         """Close the zip handle, if any."""
@@ -172,39 +186,68 @@ def _find_root(files: dict[str, int]) -> str:
         prefix = f"{prefix}{only}/"
 
 
+def _list_folder(path: Path) -> tuple[dict[str, int], list[str]]:
+    """Files (relative path -> size) and folders (relative, with a trailing slash) below ``path``.
+
+    A subfolder that cannot be listed is kept as an empty folder (a class folder then reports no images).
+
+    Raises:
+        OSError: ``path`` itself cannot be listed.
+    """
+    os.listdir(path)
+    files: dict[str, int] = {}
+    folders: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        rel_dir = Path(dirpath).relative_to(path).as_posix()
+        rel_dir = "" if rel_dir == "." else f"{rel_dir}/"
+        folders += [f"{rel_dir}{name}/" for name in dirnames]
+        for name in filenames:
+            files[rel_dir + name] = os.stat(os.path.join(dirpath, name)).st_size
+    return files, folders
+
+
+def _list_zip(path: Path) -> tuple[dict[str, int], list[str]]:
+    """Member files (name -> size) and folder entries of the zip archive ``path``.
+
+    Raises:
+        ValueError: not a zip archive, or a truncated one.
+    """
+    files: dict[str, int] = {}
+    folders: list[str] = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.is_dir():
+                    folders.append(info.filename)
+                else:
+                    files[info.filename] = info.file_size
+    except zipfile.BadZipFile as exc:
+        raise ValueError(
+            f"{path} is not a readable zip archive ({exc}); is it truncated or another kind of file?"
+        ) from exc
+    return files, folders
+
+
 def list_source(source: str | os.PathLike[str]) -> SourceTree:
     """List a folder or a zip archive as a :class:`SourceTree`.
 
     Raises:
         FileNotFoundError: the source does not exist.
-        ValueError: a file that is not a zip archive (or a truncated one), or a source with no files.
+        ValueError: a file that is not a zip archive (or a truncated one), a source with no files, or one
+            that cannot be read (no permission).
     """
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"source not found: {path}")
-    files: dict[str, int] = {}
-    folders: list[str] = []
-    if path.is_dir():
-        for dirpath, dirnames, filenames in os.walk(path):
-            rel_dir = Path(dirpath).relative_to(path).as_posix()
-            rel_dir = "" if rel_dir == "." else f"{rel_dir}/"
-            folders += [f"{rel_dir}{name}/" for name in dirnames]
-            for name in filenames:
-                files[rel_dir + name] = os.stat(os.path.join(dirpath, name)).st_size
-        is_zip = False
-    else:
-        try:
-            with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
-                    if info.is_dir():
-                        folders.append(info.filename)
-                    else:
-                        files[info.filename] = info.file_size
-        except zipfile.BadZipFile as exc:
-            raise ValueError(
-                f"{path} is not a readable zip archive ({exc}); is it truncated or another kind of file?"
-            ) from exc
-        is_zip = True
+    try:
+        if path.is_dir():
+            files, folders = _list_folder(path)
+        else:
+            files, folders = _list_zip(path)
+    except OSError as exc:
+        where = exc.filename or path
+        raise ValueError(f"cannot read the source {where} ({exc.strerror or _one_line(exc)})") from exc
+    is_zip = not path.is_dir()
     files = {rel: size for rel, size in files.items() if not _ignored(rel)}
     if not files:
         raise ValueError(f"source is empty: {path} holds no files")

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-from tinyswin.data.cache import is_cache, prepare
+from tinyswin.data.cache import CacheMismatchError, is_cache, load_cache, looks_like_cache, prepare
 from tinyswin.data.synthetic import ensure_synthetic
 from tinyswin.paths import cache_root
 
@@ -37,25 +37,36 @@ def resolve_data(
         size: image side when a source is prepared.
         holdout: fraction of every train class kept aside as split 'holdout' when preparing.
         holdout_seed: seed of that draw.
-        log: where the note about preparing goes.
+        log: where the notes about preparing go (and the one about a val split carved from train).
         progress: show the progress bar of preparing.
 
     Raises:
         FileNotFoundError: `source` does not exist.
+        DamagedCacheError: `source` is a damaged cache (the message says what is wrong and what to do).
+        CacheMismatchError: the cache prepared earlier from `source` no longer matches it (its files changed).
+        ValueError: the source cannot be prepared (its layout, bad images; the message says which).
     """
     if source is None:
         return ensure_synthetic()
     path = Path(source).expanduser()
-    if is_cache(path):
-        return path
     if not path.exists():
         raise FileNotFoundError(f"data source not found: {source}")
+    if looks_like_cache(path):
+        return load_cache(path).path
     out = source_cache_path(path, size, holdout, holdout_seed)
     options = {"size": size, "holdout": holdout, "seed": holdout_seed}
-    if is_cache(out):  # prepare checks that it still matches the source, and returns at once
-        return prepare(path, out, **options, progress=False)
-    log(f"preparing {source} into the cache {out} (once; reused next time)")
-    return prepare(path, out, **options, progress=progress)
+    try:
+        if is_cache(out):  # prepare checks that it still matches the source, and returns at once
+            return prepare(path, out, **options, progress=False)
+        log(f"preparing {source} into the cache {out} (once; reused next time)")
+        return prepare(path, out, **options, progress=progress, log=log)
+    except CacheMismatchError as exc:
+        raise CacheMismatchError(
+            f"the cache {out} prepared earlier from {source} no longer matches it "
+            f"({'; '.join(exc.differences)}); delete {out} to prepare it again",
+            exc.path,
+            exc.differences,
+        ) from exc
 
 
 def eval_splits(cache_splits: tuple[str, ...], selection: str) -> list[str]:
