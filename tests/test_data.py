@@ -680,7 +680,7 @@ def test_out_that_is_a_file_or_under_one_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"--out .*taken is a file, not a folder; choose another --out"):
         prepare(root, tmp_path / "taken", size=8, progress=False)
     with pytest.raises(
-        ValueError, match=r"cannot create the cache folder .*taken/c \(.*\); choose another --out"
+        ValueError, match=r"cannot create the cache folder .*taken/c: .*taken is a file; choose another --out"
     ):
         prepare(root, tmp_path / "taken" / "c", size=8, progress=False)
     assert main(["prepare", str(root), "--out", str(tmp_path / "taken"), "--quiet"]) == 2

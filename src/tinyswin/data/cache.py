@@ -365,6 +365,9 @@ def _new_partial(out: Path) -> Path:
         DiskFullError: no space left to create it.
         ValueError: it cannot be created (a parent is a file, no permission, ...).
     """
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"cannot create the cache folder {out}: {blocking} is a file; choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}{PARTIAL_TAG}{os.getpid()}-{secrets.token_hex(4)}"
