@@ -15,9 +15,13 @@ import pytest
 import torch
 
 import tinyswin.rundir as rundir_module
+from test_train import make_tiny_cache, tiny_run_overrides
 from tinyswin.checkpoint import FORMAT, atomic_save, load_checkpoint
+from tinyswin.config import load_config
 from tinyswin.errors import DiskFullError, RunDirError
+from tinyswin.plots import read_metrics
 from tinyswin.rundir import RunDir
+from tinyswin.train import train
 
 
 def _ckpt(epoch: int, numel: int = 16) -> dict:
@@ -83,6 +87,9 @@ def test_a_new_run_creates_the_directory_and_holds_its_lock(tmp_path: Path) -> N
         assert rundir.locked
         assert sorted(p.name for p in path.iterdir()) == [".lock", ".lock.pid"]
         assert (path / ".lock.pid").read_text().split()[0] == str(os.getpid())
+        with pytest.raises(RuntimeError, match="called twice"):
+            rundir.open(resume=False)
+        assert rundir.locked
     assert not rundir.locked
     assert sorted(p.name for p in path.iterdir()) == [".lock"]
     rundir.close()  # closing twice does nothing
@@ -384,3 +391,62 @@ def test_a_full_disk_during_a_checkpoint_write_leaves_the_previous_last_pt(tmp_p
     assert result.returncode == 0, result.stderr
     _check_disk_full(json.loads(result.stdout.splitlines()[-1]), path, "ENOSPC")
     assert list(mount.iterdir()) == []  # the tmpfs lived in its own mount namespace
+
+
+_TRAIN_UNTIL_THE_DISK_FILLS = """
+import resource, signal, sys
+from tinyswin.config import load_config
+from tinyswin.errors import DiskFullError
+from tinyswin.train import train
+
+def log(line):
+    if line.startswith("epoch 2/"):  # from now on no file may grow past 16 kB: epoch 3's checkpoint fails
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))
+
+try:
+    train(load_config(None, None, sys.argv[2:]), sys.argv[1], progress=False, log=log)
+except DiskFullError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_stopped_by_a_full_disk_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    overrides = tiny_run_overrides(make_tiny_cache(tmp_path / "data"), epochs=4)
+    cfg = load_config(None, None, overrides)
+    reference = tmp_path / "reference"
+    train(cfg, reference, progress=False, log=lambda _m: None)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stopped = subprocess.run(
+        [sys.executable, "-c", _TRAIN_UNTIL_THE_DISK_FILLS, str(run_dir), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert stopped.returncode == 3, stopped.stdout + stopped.stderr
+    message = stopped.stdout.splitlines()[-1]
+    assert message.startswith(f"disk full while writing {run_dir}/")
+    assert message.endswith(
+        "(File too large): free some space, then resume with --resume (last.pt of epoch 2 is intact)"
+    )
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 2
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
+    train(cfg, run_dir, resume=True, progress=False, log=lambda _m: None)
+    a, b = load_checkpoint(reference / "last.pt"), load_checkpoint(run_dir / "last.pt")
+    assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for name, tensor in a["ema"].items():
+        assert torch.equal(tensor, b["ema"][name]), f"ema {name}"
+    timing = {"seconds", "images_per_s", "train_seconds", "elapsed"}
+    ra, rb = (read_metrics(d / "metrics.jsonl") for d in (reference, run_dir))
+    assert [{k: v for k, v in r.items() if k not in timing} for r in ra] == [
+        {k: v for k, v in r.items() if k not in timing} for r in rb
+    ]
+    assert load_checkpoint(reference / "best.pt")["epoch"] == load_checkpoint(run_dir / "best.pt")["epoch"]

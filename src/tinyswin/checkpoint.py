@@ -185,8 +185,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def is_temp_name(name: str) -> bool:
-    """Whether `name` is a temporary file of an atomic write: `.NAME.tmp-PID` (or `.NAME.tmp`, the plots')."""
-    return name.startswith(".") and (TEMP_MARKER in name or name.endswith(".tmp"))
+    """Whether `name` is the temporary file of an atomic write: `.NAME.tmp-PID`."""
+    return name.startswith(".") and TEMP_MARKER in name
 
 
 def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:

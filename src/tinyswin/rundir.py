@@ -235,6 +235,8 @@ class RunDir:
 
     def _acquire(self, resume: bool) -> None:
         """Create the folder if needed, take the lock without waiting, check the directory again under it."""
+        if self._lock is not None:
+            raise RuntimeError(f"{self.path}: RunDir.open was called twice")
         if not self.path.exists():
             try:
                 self.path.mkdir(parents=True)
@@ -263,8 +265,10 @@ class RunDir:
             check_usable(self.path, inspect_dir(self.path), resume)  # another training may have come and gone
             with self._guard(self.pid_file):
                 write_text_atomic(self.pid_file, f"{os.getpid()} {socket.gethostname()}\n")
+            self._created.append(self.pid_file)
             remove_stale_temps(self.path)
-            remove_stale_temps(self.path / "plots")
+            for temp in (self.path / "plots").glob(".*.tmp"):  # tinyswin.plots' own temporary files
+                temp.unlink(missing_ok=True)
         except BaseException:
             self._release(undo=True)
             raise
@@ -272,8 +276,10 @@ class RunDir:
     def _refuse_os_error(self, action: str, exc: OSError) -> NoReturn:
         cause = disk_full_cause(exc)
         if cause is not None:
+            reason = cause.strerror or os.strerror(cause.errno or 0)
             raise disk_full_error(
-                f"disk full: cannot {action} {self.path} ({cause.strerror}): free some space", cause
+                f"disk full: cannot {action} {self.path} ({reason}): free some space",
+                cause,
             ) from exc
         raise RunDirError(f"cannot {action} {self.path}: {exc.strerror or exc}") from None
 
@@ -297,11 +303,12 @@ class RunDir:
         return ckpt
 
     def _release(self, undo: bool) -> None:
-        """Drop the lock (and .lock.pid); with `undo`, also what `open` created: a refusal leaves nothing."""
+        """Drop the lock (and our .lock.pid); with `undo`, also what `open` made: a refusal leaves nothing."""
         created, self._created = self._created, []
         if self._lock is not None:
             try:
-                self.pid_file.unlink(missing_ok=True)
+                if self.pid_file in created:
+                    self.pid_file.unlink(missing_ok=True)
                 if undo and self.lock_file in created:
                     self.lock_file.unlink(missing_ok=True)
             finally:
