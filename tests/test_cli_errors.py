@@ -4,6 +4,7 @@ eval, a finished run resumed, overrides anywhere on the line."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,83 @@ def test_a_config_file_without_preset_applies_over_the_default_preset(tmp_path: 
     err = capsys.readouterr().err
     assert "is a directory, not a YAML config file" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint\n"])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path, content: bytes, capsys) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    capsys.readouterr()
+    assert main(["eval", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not a tinyswin checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert path.read_bytes() == content
+
+
+def test_tensorboard_without_its_package_is_said(
+    cache: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as where it is not installed
+    run_dir = tmp_path / "tb"
+    argv = ["train", "--data", str(cache), "--out", str(run_dir), "--epochs", "1", "--quiet", *TINY]
+    assert main([*argv, "tensorboard=true"]) == 0
+    assert "the tensorboard package is not installed: pip install tensorboard" in capsys.readouterr().out
+    assert not (run_dir / "tensorboard").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--epochs", "0"], "schedule.epochs=0: expected an integer >= 1"),
+        (["optim.grad_clip=-1"], "optim.grad_clip=-1"),
+        (["--time-budget", "-5"], "time_budget=-5"),
+        (["--time-budget", "0"], "time_budget=0"),
+        (["--time-budget", "nan"], "time_budget=nan"),
+        (["accumulation=0"], "accumulation=0"),
+        (["label_smoothing=2"], "label_smoothing=2"),
+        (["device=foo"], "device='foo'"),
+    ],
+)
+def test_values_out_of_range_are_one_line_and_write_nothing(
+    cache: Path, tmp_path: Path, capsys, args: list[str], words: str
+) -> None:
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--data", str(cache), "--out", str(run_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_run_directories_are_refused_in_one_line_and_left_unchanged(
+    cache: Path, finished_run: Path, tmp_path: Path, capsys
+) -> None:
+    from filelock import FileLock
+
+    def contents(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("results\n")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x\n")
+    cases = [
+        (foreign, "is not a tinyswin run directory"),
+        (a_file, "is a file, not a directory"),
+        (finished_run, "already holds a run: resume it with --resume"),
+    ]
+    for out, words in cases:
+        before = contents(out) if out.is_dir() else out.read_bytes()
+        capsys.readouterr()
+        assert main(["train", "--data", str(cache), "--out", str(out), "--epochs", "1", *TINY]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+        assert (contents(out) if out.is_dir() else out.read_bytes()) == before
+    held = tmp_path / "held"
+    held.mkdir()
+    with FileLock(str(held / ".lock"), timeout=0):
+        (held / ".lock.pid").write_text(f"4242 {socket.gethostname()}\n")  # as a holder writes it
+        assert main(["train", "--data", str(cache), "--out", str(held), "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "in use by another training (pid 4242)" in err and len(err.strip().splitlines()) == 1

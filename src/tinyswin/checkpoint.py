@@ -223,8 +223,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             f"{path}: refused: not a plain-data checkpoint (loading it would run code or build objects "
             f"outside weights_only): {reason}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # torch.load raises many kinds on a file that is not a checkpoint
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        size = path.stat().st_size
+        what = "an empty file" if size == 0 else f"a file of {size} bytes that torch.load cannot read"
+        raise ValueError(f"{path}: not a tinyswin checkpoint ({what}: {reason})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a tinyswin checkpoint (expected keys {REQUIRED_KEYS}, found {have})")

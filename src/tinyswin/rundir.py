@@ -69,12 +69,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def _tensorboard(run_dir: Path, enabled: bool) -> Any:
+def _tensorboard(run_dir: Path, enabled: bool, say: LogFn) -> Any:
+    """A TensorBoard writer into `run_dir/tensorboard` when `enabled` (None, said in a line, without the
+    optional tensorboard package)."""
     if not enabled:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
+        say("tensorboard=true, but the tensorboard package is not installed: pip install tensorboard")
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -373,7 +376,7 @@ class RunDir:
             return
         self.write_config(cfg)
         self._write_metrics([json.dumps(r) + "\n" for r in history])
-        self.writer = _tensorboard(self.path, cfg.tensorboard)
+        self.writer = _tensorboard(self.path, cfg.tensorboard, self.say)
 
     def write_config(self, cfg: TrainConfig) -> None:
         """config.yaml: the config as it stands (a time budget's plan changes its schedule)."""

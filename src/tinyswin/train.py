@@ -39,6 +39,7 @@ from tinyswin.config import (
     apply_overrides,
     build_augment_config,
     build_model_config,
+    check_ranges,
     eval_size,
     expand,
     from_dict,
@@ -401,23 +402,26 @@ def train(
         The summary (also written to `run_dir/summary.json`).
 
     Raises:
-        ValueError / FileNotFoundError: bad config, data or checkpoint.
+        ConfigError / ValueError / FileNotFoundError: bad config, data or checkpoint.
+        RunDirError: `run_dir` is held by another training, is not a run, holds a run already (without
+            `resume`), or holds nothing to resume.
+        DiskFullError: a file of the run could not be written for lack of space; `last.pt` stays valid.
+        Interrupted: SIGINT or SIGTERM; nothing half-written, `resume=True` continues.
         TrainingError: the loss stayed non-finite.
     """
-    if cfg.threads < 0:
-        raise ValueError(f"threads={cfg.threads}: expected 0 (torch's default) or a number of CPU threads")
+    check_ranges(cfg)  # a config built in code has not been through load_config's checks
     if cfg.threads:  # one thread is often faster for small models, and on a machine shared with other work
         torch.set_num_threads(cfg.threads)
     wall_start = time.perf_counter()
     dist = dist or DistContext()
     say: LogFn = (log or print) if dist.is_main else (lambda _msg: None)
     progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
-    rundir = RunDir(run_dir, main=dist.is_main, say=say)
-    ckpt = rundir.open(resume)
-    run = setup_run(
-        cfg, dist, ckpt=ckpt, source=rundir.last, wall_start=wall_start, say=say, progress=progress
-    )
-    return _train_epochs(run, rundir, ckpt is not None, wall_start, progress, say)
+    with RunDir(run_dir, main=dist.is_main, say=say) as rundir:  # owned by this training until the end
+        ckpt = rundir.open(resume)
+        run = setup_run(
+            cfg, dist, ckpt=ckpt, source=rundir.last, wall_start=wall_start, say=say, progress=progress
+        )
+        return _train_epochs(run, rundir, ckpt is not None, wall_start, progress, say)
 
 
 def _train_epochs(
