@@ -3,6 +3,7 @@ eval, a finished run resumed, overrides anywhere on the line."""
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -252,3 +253,47 @@ def test_run_directories_are_refused_in_one_line_and_left_unchanged(
         assert main(["train", "--data", str(cache), "--out", str(held), "--epochs", "1", *TINY]) == 2
     err = capsys.readouterr().err
     assert "in use by another training (pid 4242)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_full_disk_is_one_line_and_resume_starts_again(cache: Path, tmp_path: Path) -> None:
+    """A file size limit (EFBIG, as ENOSPC) below a checkpoint's size: the first checkpoint write fails."""
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
+
+    run_dir = tmp_path / "full"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TINYSWIN_NATIVE": "0"}
+    cmd = [sys.executable, "-m", "tinyswin", "train", "--data", str(cache), "--out", str(run_dir), "--quiet",
+           "--epochs", "2", *TINY]  # fmt: skip
+    full = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, preexec_fn=limit_file_size, timeout=300
+    )
+    assert full.returncode == 2, full.stderr
+    lines = full.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and f"disk full while writing {run_dir}/" in lines[0]
+        and "Traceback" not in full.stderr
+    )
+    assert not (run_dir / "last.pt").exists() and not list(run_dir.glob(".*.tmp-*"))
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "starting from the beginning" in again.stdout
+    assert [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
+
+
+def test_quiet_prepares_a_source_without_a_progress_bar(tmp_path: Path, capfd, monkeypatch) -> None:
+    monkeypatch.setenv("TINYSWIN_CACHE", str(tmp_path / "caches"))
+    folder = tmp_path / "shapes"
+    images, labels = synthetic_splits(size=16, train_per_class=6, val_per_class=2, seed=1)["train"]
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        if label < 3:
+            (folder / CLASS_NAMES[label].replace(" ", "_")).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / CLASS_NAMES[label].replace(" ", "_") / f"{i}.png")
+    capfd.readouterr()
+    argv = ["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--epochs", "1", "--quiet"]
+    assert main([*argv, "data.size=16", "batch_size=4", *TINY[:4]]) == 0
+    captured = capfd.readouterr()
+    assert "decoding" not in captured.err and "%|" not in captured.err  # no bar, no per-update lines
+    assert "has no val split: holding out 10% of each class as 'val'" in captured.out
