@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tinyswin.data.cache import available_cpus, load_cache, prepare
+from tinyswin.data.cache import load_cache
+from tinyswin.data.decode import available_cpus
 from tinyswin.data.loader import BatchLoader
+from tinyswin.data.prepare_source import prepare
 
 DEFAULT_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-sub.zip"
 

@@ -28,9 +28,9 @@ from tinyswin.data.cache import (
     is_cache,
     load_cache,
     looks_like_cache,
-    prepare,
     write_cache,
 )
+from tinyswin.data.prepare_source import prepare
 from tinyswin.data.sources import eval_splits, resolve_data
 from tinyswin.errors import DiskFullError, TinyswinError
 

@@ -1,4 +1,6 @@
-"""The uint8 cache: decode a source once (``prepare``), write arrays (``write_cache``), read (``load_cache``).
+"""The uint8 cache: its format, reading and checking it (``load_cache``), writing one (``write_cache``).
+
+A source of images becomes a cache through :func:`tinyswin.data.prepare_source.prepare`.
 
 On-disk layout of a cache folder::
 
@@ -18,15 +20,7 @@ folder it unpacks to give the same digest and the same cache.
 
 A cache is written into a hidden temporary folder beside its target (``.NAME.partial-PID-XXXX``), with
 ``meta.json`` last, and renamed into place at the end: an interrupted run never leaves a folder that loads as
-a cache (its leftover, a damaged cache if read, is removed by the next run onto the same target). Preparing
-onto an existing cache made from the same source listing with the same options returns at once; an existing
-folder that differs is an error naming the difference, never overwritten.
-
-A source with no val split (``root/<class>/*``, or ``root/train/<class>`` alone) gets one carved from train:
-``VAL_FRACTION`` of every class, drawn with ``VAL_SEED`` (recorded as meta ``val_from_train``; None where the
-source has its own val). The split ``holdout`` (``holdout > 0``) is then carved from what is left of train.
-Both take, in every class, ``round(fraction * n)`` images (at least one, and never the whole class: a class of
-one image stays in train), drawn with ``numpy.random.default_rng(seed)``.
+a cache (its leftover, a damaged cache if read, is removed by the next run onto the same target).
 
 A folder that looks like a cache (a ``.partial-`` name, ``<split>_images.npy`` / ``<split>_labels.npy`` files,
 or a meta.json that is not JSON or has a format_version) but does not load is a damaged cache: reading it
@@ -41,25 +35,19 @@ import json
 import os
 import secrets
 import shutil
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tinyswin.data.decode import available_cpus, channel_histogram, decode_splits, drop_rows
-from tinyswin.data.imagefolder import DatasetPlan, SourceTree, list_source, plan_imagefolder
-from tinyswin.data.tinyimagenet import is_tinyimagenet, plan_tinyimagenet
+from tinyswin.data.decode import channel_histogram
 from tinyswin.errors import DiskFullError, TinyswinError
 from tinyswin.version import __version__
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 PARTIAL_TAG = ".partial-"
-VAL_FRACTION = 0.1
-VAL_SEED = 0
 _META_TYPES = {
     "image_size": int,
     "splits": list,
@@ -303,7 +291,7 @@ def _differences(meta: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     ]
 
 
-def _existing_matches(out: Path, expected: dict[str, Any], allow_skipped: bool = True) -> bool:
+def existing_matches(out: Path, expected: dict[str, Any], allow_skipped: bool = True) -> bool:
     """True if ``out`` is a cache matching ``expected``; False if ``out`` is absent or an empty folder.
 
     A cache that left out bad images matches only if ``allow_skipped``.
@@ -333,7 +321,7 @@ def _existing_matches(out: Path, expected: dict[str, Any], allow_skipped: bool =
     return True
 
 
-def _remove_stale_partials(out: Path) -> None:
+def remove_stale_partials(out: Path) -> None:
     """Remove temporary folders of earlier runs onto ``out`` whose process is gone."""
     if not out.parent.is_dir():
         return
@@ -349,7 +337,7 @@ def _remove_stale_partials(out: Path) -> None:
             continue
 
 
-def _disk_full(exc: OSError, out: Path) -> DiskFullError | None:
+def disk_full(exc: OSError, out: Path) -> DiskFullError | None:
     """The one-line error for a write that failed for lack of space or quota, else None."""
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
@@ -358,7 +346,7 @@ def _disk_full(exc: OSError, out: Path) -> DiskFullError | None:
     )
 
 
-def _new_partial(out: Path) -> Path:
+def new_partial(out: Path) -> Path:
     """A new temporary folder beside ``out``.
 
     Raises:
@@ -373,7 +361,7 @@ def _new_partial(out: Path) -> Path:
         tmp = out.parent / f".{out.name}{PARTIAL_TAG}{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
     except OSError as exc:
-        full = _disk_full(exc, out)
+        full = disk_full(exc, out)
         if full is not None:
             raise full from exc
         raise ValueError(
@@ -382,7 +370,7 @@ def _new_partial(out: Path) -> Path:
     return tmp
 
 
-def _check_free_space(tmp: Path, out: Path, n_images: int, size: int) -> None:
+def check_free_space(tmp: Path, out: Path, n_images: int, size: int) -> None:
     """Fail before decoding when the images cannot fit (a full disk under a memory map is a crash)."""
     need = n_images * size * size * 3
     free = shutil.disk_usage(tmp).free
@@ -393,7 +381,7 @@ def _check_free_space(tmp: Path, out: Path, n_images: int, size: int) -> None:
         )
 
 
-def _publish(tmp: Path, meta: dict[str, Any], out: Path) -> None:
+def publish(tmp: Path, meta: dict[str, Any], out: Path) -> None:
     """Write meta.json last, then move the folder into place (atomic on one file system)."""
     (tmp / META_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     if out.is_dir() and not any(out.iterdir()):
@@ -408,7 +396,7 @@ def _publish(tmp: Path, meta: dict[str, Any], out: Path) -> None:
         raise ValueError(f"could not move the new cache into place at {out}: {exc}") from exc
 
 
-def _base_meta(
+def base_meta(
     *,
     source: str,
     source_kind: str,
@@ -420,6 +408,7 @@ def _base_meta(
     labels: dict[str, np.ndarray],
     train_hist: np.ndarray,
 ) -> dict[str, Any]:
+    """The meta.json keys every cache has, with counts, class counts and train mean/std from the arrays."""
     mean, std = stats_from_histogram(train_hist)
     return {
         "format_version": FORMAT_VERSION,
@@ -460,7 +449,7 @@ def write_cache(
     source: str,
     extra_meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write arrays as a cache (same format as :func:`prepare`), atomically.
+    """Write arrays as a cache (same format as :func:`tinyswin.data.prepare_source.prepare`), atomically.
 
     The source digest is a sha256 of the class ids and the arrays: writing the same arrays onto an existing
     cache returns at once; different ones are an error (the existing cache is never overwritten).
@@ -506,17 +495,17 @@ def write_cache(
         raise ValueError("write_cache: the 'train' split is empty")
     digest = _arrays_digest(splits, class_ids)
     expected = {"format_version": FORMAT_VERSION, "source_digest": digest, "image_size": size}
-    if _existing_matches(out, expected):
+    if existing_matches(out, expected):
         return out
-    _remove_stale_partials(out)
-    tmp = _new_partial(out)
+    remove_stale_partials(out)
+    tmp = new_partial(out)
     try:
         labels_by_split = {}
         for name, (images, labels) in splits.items():
             np.save(tmp / f"{name}_images.npy", np.ascontiguousarray(images))
             labels_by_split[name] = np.asarray(labels, dtype=np.int64)
             np.save(tmp / f"{name}_labels.npy", labels_by_split[name])
-        meta = _base_meta(
+        meta = base_meta(
             source=source,
             source_kind="arrays",
             source_digest=digest,
@@ -532,246 +521,8 @@ def write_cache(
             raise ValueError(f"extra_meta may not replace standard cache keys: {', '.join(clash)}")
         meta.update(extra_meta or {})
         meta["skipped"] = []
-        _publish(tmp, meta, out)
+        publish(tmp, meta, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-# ----------------------------------------------------------------------------------------------- prepare
-
-
-def _stratified_split(
-    files: list[str], labels: np.ndarray, fraction: float, seed: int, num_classes: int, name: str
-) -> dict[str, tuple[list[str], np.ndarray]]:
-    """Carve split ``name`` from train: in each class, round(fraction * n) images (>= 1, < n), seeded.
-
-    A class of one image stays whole in train. Rows keep their order.
-
-    Returns:
-        {"train": (files, labels), name: (files, labels)}; ``name`` is left out when no class could give any.
-    """
-    rng = np.random.default_rng(seed)
-    held = np.zeros(len(labels), dtype=bool)
-    for cls in range(num_classes):
-        rows = np.flatnonzero(labels == cls)
-        k = min(max(1, round(fraction * len(rows))), len(rows) - 1)
-        if k > 0:
-            held[rng.permutation(rows)[:k]] = True
-    keep = np.flatnonzero(~held)
-    take = np.flatnonzero(held)
-    carved = {"train": ([files[i] for i in keep], labels[keep])}
-    if len(take):
-        carved[name] = ([files[i] for i in take], labels[take])
-    return carved
-
-
-def _plan_splits(
-    plan: DatasetPlan, holdout: float, seed: int, source: Path
-) -> tuple[dict[str, tuple[list[str], np.ndarray]], dict[str, Any] | None, str | None]:
-    """The splits to decode: the source's, plus 'val' carved from train where the source has none, plus
-    'holdout' carved from what is left of train.
-
-    Returns:
-        the splits (train, holdout, val, then the others), the meta ``val_from_train`` (None where the
-        source has its own val), and a note for the user about the carved val (None where there is none).
-
-    Raises:
-        ValueError: a holdout is asked for and no class has an image to spare.
-    """
-    splits = dict(plan.splits)
-    num_classes = len(plan.class_ids)
-    val_from_train = None
-    text = None
-    if "val" not in splits:
-        carved = _stratified_split(*splits.pop("train"), VAL_FRACTION, VAL_SEED, num_classes, "val")
-        splits = {**carved, **splits}
-        if "val" in carved:
-            val_from_train = {"fraction": VAL_FRACTION, "seed": VAL_SEED}
-            text = f"{source} has no val split: holding out {VAL_FRACTION:.0%} of each class as 'val'"
-        else:
-            text = f"{source} has no val split, and no class has two images to hold one out as 'val'"
-    if holdout > 0:
-        carved = _stratified_split(*splits.pop("train"), holdout, seed, num_classes, "holdout")
-        if "holdout" not in carved:
-            raise ValueError(
-                f"holdout={holdout:g}: no class of {source} has a train image to spare; prepare it without "
-                "a holdout"
-            )
-        splits = {**carved, **splits}
-    return splits, val_from_train, text
-
-
-def _check_options(size: int, holdout: float, workers: int | None) -> None:
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive number of pixels, got {size!r}")
-    if not 0.0 <= holdout < 1.0:
-        raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers!r}")
-
-
-def _bad_files_message(source: Path, bad: list[tuple[str, int, str]]) -> str:
-    listing = "; ".join(text for _, _, text in sorted(bad))
-    return (
-        f"{len(bad)} unreadable or corrupt image(s) in {source} (pass --skip-bad / skip_bad=True to leave "
-        f"them out): {listing}"
-    )
-
-
-def _plan_source(tree: SourceTree) -> DatasetPlan:
-    return plan_tinyimagenet(tree) if is_tinyimagenet(tree) else plan_imagefolder(tree)
-
-
-def _write_labels(
-    tmp: Path, splits: dict[str, tuple[list[str], np.ndarray]], bad: list[tuple[str, int, str]], source: Path
-) -> dict[str, np.ndarray]:
-    """Write each split's labels and file list into `tmp`, leaving out the `bad` rows (also dropped from
-    its decoded images); returns the labels kept per split.
-
-    Raises:
-        ValueError: a split has no readable image.
-    """
-    labels_by_split: dict[str, np.ndarray] = {}
-    for split, (files, labels) in splits.items():
-        bad_rows = sorted(row for s, row, _ in bad if s == split)
-        if bad_rows:
-            drop_rows(tmp, split, bad_rows)
-            keep = np.ones(len(files), dtype=bool)
-            keep[bad_rows] = False
-            files = [f for f, k in zip(files, keep, strict=True) if k]
-            labels = labels[keep]
-        if len(files) == 0:
-            raise ValueError(f"split '{split}' of {source} has no readable images")
-        labels_by_split[split] = labels
-        np.save(tmp / f"{split}_labels.npy", labels.astype(np.int64))
-        (tmp / f"{split}_files.txt").write_text("".join(f + "\n" for f in files), encoding="utf-8")
-    return labels_by_split
-
-
-def _refuse_cache_as_source(source: str | os.PathLike[str]) -> None:
-    """A cache given where a dataset is expected: say so in one line (and what is wrong if it is damaged)."""
-    if looks_like_cache(source):
-        load_cache(source)
-        raise ValueError(
-            f"{source} is a tinyswin cache already, not a dataset to prepare: train on it directly (--data)"
-        )
-
-
-def prepare(
-    source: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    size: int = 64,
-    holdout: float = 0.0,
-    skip_bad: bool = False,
-    workers: int | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> Path:
-    """Decode a dataset once into a uint8 cache at ``out``.
-
-    ``source`` is a Tiny ImageNet zip or folder (see :mod:`tinyswin.data.tinyimagenet`) or an image-folder
-    root, as a folder or a zip (see :mod:`tinyswin.data.imagefolder`). The layout is checked and every error
-    found before anything is written; images are decoded by a pool of processes, each with its own zip
-    handle, straight into the memory-mapped arrays of a temporary folder renamed into place at the end. A
-    source with no val split gets one carved from train (``VAL_FRACTION`` of each class; a note says so).
-
-    Args:
-        source: the zip file or folder.
-        out: the cache folder to create.
-        size: image side in pixels; images already size x size are kept pixel for pixel, others are resized
-            (short side, antialiased bicubic) and centre-cropped.
-        holdout: fraction of every train class kept aside as split 'holdout' (0: none).
-        skip_bad: leave unreadable images out (and report how many) instead of failing.
-        workers: decoding processes (default: the CPUs available).
-        seed: seed of the holdout draw.
-        progress: show a progress bar (on a terminal only) and the counts; off, nothing is printed but the
-            warning about images left out by ``skip_bad`` (and the notes, where ``log`` is given).
-        log: where the notes (a val split carved from train) and, with ``progress``, the counts go
-            (default: print, and notes only with ``progress``).
-
-    Returns:
-        The cache folder.
-
-    Raises:
-        FileNotFoundError: missing source or index file (``wnids.txt``, ``val/val_annotations.txt``).
-        DamagedCacheError: ``out`` is a damaged cache.
-        CacheMismatchError: ``out`` is a cache made from another source or with other options.
-        DiskFullError: not enough space for the cache.
-        ValueError: a bad layout, bad images (all listed), or an ``out`` that is a file or another folder.
-    """
-    _check_options(size, holdout, workers)
-    say = log if log is not None else print
-    out = Path(out).expanduser()
-    _refuse_cache_as_source(source)
-    tree = list_source(source)
-    source_root = tree.path.resolve()
-    if not tree.is_zip and (out.resolve() == source_root or source_root in out.resolve().parents):
-        raise ValueError(f"--out {out} must not be inside the source folder {tree.path}")
-    plan = _plan_source(tree)
-    splits, val_from_train, text = _plan_splits(plan, holdout, seed, tree.path)
-    holdout_meta = {"fraction": float(holdout), "seed": int(seed) if holdout > 0 else None}
-    expected = {
-        "format_version": FORMAT_VERSION,
-        "source_digest": tree.digest(),
-        "image_size": size,
-        "holdout": holdout_meta,
-        "val_from_train": val_from_train,
-    }
-    if _existing_matches(out, expected, allow_skipped=skip_bad):
-        if progress:
-            say(f"{out}: cache already made from this source with these options")
-        return out
-    if text is not None and (progress or log is not None):
-        say(text)
-    source_kind = f"{plan.kind}-{'zip' if tree.is_zip else 'folder'}"
-    _remove_stale_partials(out)
-    n_workers = workers or available_cpus()
-    tmp = _new_partial(out)
-    try:
-        _check_free_space(tmp, out, sum(len(files) for files, _ in splits.values()), size)
-        bad, hist = decode_splits(tree, splits, tmp, size, n_workers, progress)
-        if bad and not skip_bad:
-            raise ValueError(_bad_files_message(tree.path, bad))
-        labels_by_split = _write_labels(tmp, splits, bad, tree.path)
-        meta = _base_meta(
-            source=str(source_root),
-            source_kind=source_kind,
-            source_digest=expected["source_digest"],
-            image_size=size,
-            holdout=holdout_meta,
-            class_ids=plan.class_ids,
-            class_names=plan.class_names,
-            labels=labels_by_split,
-            train_hist=hist,
-        )
-        meta["val_from_train"] = val_from_train
-        if plan.class_words is not None:
-            meta["class_words"] = plan.class_words
-        meta["skipped"] = sorted(text for _, _, text in bad)
-        _publish(tmp, meta, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        full = _disk_full(exc, out)
-        if full is not None:
-            raise full from exc
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if bad:
-        print(
-            f"tinyswin prepare: skipped {len(bad)} unreadable image(s) (listed in {out / META_NAME})",
-            file=sys.stderr,
-        )
-    if progress:
-        say(_summary(out, meta))
-    return out
-
-
-def _summary(out: Path, meta: dict[str, Any]) -> str:
-    counts = ", ".join(f"{split} {n:,}" for split, n in meta["counts"].items())
-    return f"{out}: {len(meta['class_ids'])} classes, {meta['image_size']}px; images: {counts}"

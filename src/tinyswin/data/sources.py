@@ -6,7 +6,8 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-from tinyswin.data.cache import CacheMismatchError, is_cache, load_cache, looks_like_cache, prepare
+from tinyswin.data.cache import CacheMismatchError, is_cache, load_cache, looks_like_cache
+from tinyswin.data.prepare_source import prepare
 from tinyswin.data.synthetic import ensure_synthetic
 from tinyswin.paths import cache_root
 
