@@ -7,7 +7,7 @@ A configuration is built in layers, each a partial nested mapping over the one b
 
 Every key is checked: an unknown key is an error that names the closest known one, and every value is
 converted to the type of its field (`1` -> 1.0 for a float, `[2, 2]` -> (2, 2) for a tuple) or refused.
-A resolved config is then checked against the range of every key (`RANGES`: `schedule.epochs` >= 1,
+A resolved config is then checked against the range of every key (`tinyswin.ranges.RANGES`: epochs >= 1,
 `optim.lr` > 0 and finite, ...) and its model and augmentation are built from their presets and overrides,
 so a value outside its range is a `ConfigError` of one line that names the key, the value and the range,
 before a run writes anything.
@@ -24,26 +24,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
-import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import yaml
 
+from tinyswin.coerce import convert, describe
 from tinyswin.data.augment import AugmentConfig, augment_preset, augment_preset_names
 from tinyswin.errors import ConfigError
 from tinyswin.model import SwinConfig, preset_config, preset_names
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-VAL_SPLITS = ("val", "holdout")
-SCHEDULE_STEPS = ("iteration", "epoch")
+from tinyswin.ranges import RANGES, one_of
 
 
 @dataclass
@@ -441,233 +437,14 @@ def _set(cfg: TrainConfig, key: str, value: Any, origin: str) -> None:
 def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
     """`value` converted to type `hint`, or a ConfigError naming the key."""
     try:
-        return _convert(value, hint)
+        return convert(value, hint)
     except (TypeError, ValueError):
         pass
-    raise ConfigError(f"{origin}: {key}={value!r}: expected {_describe(hint)}")
-
-
-def _convert(value: Any, hint: Any) -> Any:
-    if hint is Any:
-        return value
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:  # exact type first, then conversions
-            if arg is not type(None) and _is_instance(value, arg):
-                return _convert(value, arg)
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(value)
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ValueError(value)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(value)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ValueError(value)
-            items = [_convert(v, a) for v, a in zip(value, args, strict=True)]
-        else:
-            items = [_convert(v, args[0] if args else Any) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise TypeError(value)
-        return dict(value)
-    if hint is type(None):
-        if value is None:
-            return None
-        raise ValueError(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError(value)
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise TypeError(value)
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            return float(value)  # YAML reads '1e-3' (no dot) as a string
-        raise TypeError(value)
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError(value)
-    if isinstance(hint, type) and isinstance(value, hint):
-        return value
-    raise TypeError(value)
-
-
-def _is_instance(value: Any, hint: Any) -> bool:
-    if hint is Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (tuple, list):
-        return isinstance(value, (tuple, list))
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if hint is float:
-        return isinstance(value, float)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(hint, type) and isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if origin in (tuple, list):
-        args = typing.get_args(hint)
-        inner = ", ".join(_describe(a) for a in args if a is not Ellipsis)
-        return f"list of [{inner}]"
-    return getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{origin}: {key}={value!r}: expected {describe(hint)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # ranges
-
-
-class Range(NamedTuple):
-    """The values a key accepts: a predicate and its description (the text after 'expected')."""
-
-    check: Callable[[Any], bool]
-    text: str
-
-
-def _interval(
-    low: float,
-    high: float | None = None,
-    *,
-    integer: bool = False,
-    open_low: bool = False,
-    open_high: bool = False,
-    null: str | None = None,
-) -> Range:
-    """A finite number (an int if `integer`) between `low` and `high`, closed or open at either end; `null`,
-    when given, describes what None means and lets it pass."""
-
-    def check(value: Any) -> bool:
-        if value is None:
-            return null is not None
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-            return False
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        if value <= low if open_low else value < low:
-            return False
-        return high is None or (value < high if open_high else value <= high)
-
-    kind = "an integer" if integer else "a finite number"
-    if high is None:
-        text = f"{kind} {'>' if open_low else '>='} {low}"
-    else:
-        kind = "an integer" if integer else "a number"
-        text = f"{kind} in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-    return Range(check, f"{text}, or {null}" if null else text)
-
-
-def _items(count: int, item: Range, null: str | None = None) -> Range:
-    """A list of `count` values that each pass `item`; `null` as in `_interval`."""
-
-    def check(value: Any) -> bool:
-        if value is None:
-            return null is not None
-        return isinstance(value, (list, tuple)) and len(value) == count and all(map(item.check, value))
-
-    text = f"{count} values, each {item.text}"
-    return Range(check, f"{text}, or {null}" if null else text)
-
-
-def _choice(options: Iterable[str]) -> Range:
-    """One of `options`."""
-    allowed = tuple(options)
-    return Range(lambda value: isinstance(value, str) and value in allowed, _one_of(allowed))
-
-
-def _boolean(null: str | None = None) -> Range:
-    """True or false; `null` as in `_interval`."""
-    return Range(
-        lambda value: isinstance(value, bool) or (value is None and null is not None),
-        f"true, false or {null}" if null else "true or false",
-    )
-
-
-def _text(null: str) -> Range:
-    """A non-empty string, or None (meaning `null`)."""
-    return Range(lambda value: value is None or (isinstance(value, str) and value.strip() != ""), null)
-
-
-def _one_of(options: Iterable[str]) -> str:
-    return "one of " + ", ".join(repr(o) for o in options)
-
-
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-RANGES: Mapping[str, Range] = types.MappingProxyType(
-    {
-        "data.source": _text("a cache, a dataset to prepare, or null (the built-in synthetic set)"),
-        "data.size": _interval(1, integer=True),
-        "data.holdout": _interval(0, 1, open_high=True),
-        "data.holdout_seed": _interval(0, integer=True),
-        "data.val_split": _choice(VAL_SPLITS),
-        "data.mean": _items(3, _interval(0, 1), null="null (the cache's own)"),
-        "data.std": _items(3, _interval(0, open_low=True), null="null (the cache's own)"),
-        "optim.lr": _interval(0, open_low=True),
-        "optim.lr_base_batch": _interval(1, integer=True),
-        "optim.betas": _items(2, _interval(0, 1, open_high=True)),
-        "optim.eps": _interval(0, open_low=True),
-        "optim.weight_decay": _interval(0),
-        "optim.decay_rel_pos_bias": _boolean(),
-        "optim.grad_clip": _interval(0, open_low=True, null="null (no clipping)"),
-        "optim.fused": _boolean(null="null (where the device supports it)"),
-        "schedule.epochs": _interval(1, integer=True),
-        "schedule.warmup_epochs": _interval(0),
-        "schedule.warmup_start": _interval(0, 1, open_low=True),
-        "schedule.min_lr": _interval(0),
-        "schedule.step": _choice(SCHEDULE_STEPS),
-        "schedule.mix_off_first_epochs": _interval(0, integer=True),
-        "schedule.mix_off_last_epochs": _interval(0, integer=True),
-        "ema.enabled": _boolean(),
-        "ema.decay": _interval(0, 1, open_high=True),
-        "batch_size": _interval(1, integer=True),
-        "accumulation": _interval(1, integer=True),
-        "eval_batch_size": _interval(1, integer=True),
-        "label_smoothing": _interval(0, 1, open_high=True),
-        "precision": _choice(PRECISIONS),
-        "compile": _boolean(),
-        "seed": Range(_interval(0, 2**64, integer=True, open_high=True).check, "an integer in [0, 2**64)"),
-        "device": Range(
-            lambda value: isinstance(value, str) and _DEVICE.fullmatch(value) is not None,
-            "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
-        ),
-        "max_nonfinite": _interval(1, integer=True),
-        "threads": _interval(0, integer=True),
-        "time_budget": _interval(0, open_low=True, null="null (no budget)"),
-        "tensorboard": _boolean(),
-    }
-)
-"""Dotted key -> the values it accepts, for every key of TrainConfig but those of the `model` and `augment`
-sections (which `SwinConfig` and `AugmentConfig` check themselves, see `check_ranges`)."""
 
 
 def check_ranges(cfg: TrainConfig, origin: str | Mapping[str, str] = "config") -> None:
@@ -724,7 +501,7 @@ def _check_augment(cfg: TrainConfig, origin: str | Mapping[str, str]) -> None:
     """Build the AugmentConfig; its refusal becomes a ConfigError naming `augment.<field>`."""
     preset = cfg.augment.preset
     if preset not in augment_preset_names():
-        allowed = _one_of(augment_preset_names())
+        allowed = one_of(augment_preset_names())
         raise ConfigError(
             f"{_origin_of(origin, 'augment.preset')}: augment.preset={preset!r}: expected {allowed}"
         )
@@ -753,7 +530,7 @@ def _check_model(cfg: TrainConfig, origin: str | Mapping[str, str]) -> None:
     resolution fixed by `augment.out_size`, becomes a ConfigError naming `model.<field>`."""
     preset = cfg.model.preset
     if preset not in preset_names():
-        allowed = _one_of(preset_names())
+        allowed = one_of(preset_names())
         raise ConfigError(
             f"{_origin_of(origin, 'model.preset')}: model.preset={preset!r}: expected {allowed}"
         )
