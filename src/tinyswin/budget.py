@@ -228,10 +228,6 @@ class TimeBudget:
         """Reset the per-epoch clock (every process counts its steps from here)."""
         self.clock = BudgetClock(self.seconds, self.clock_start, self.dist, self.device)
 
-    def elapsed(self) -> float:
-        """Seconds of the budget spent so far."""
-        return time.perf_counter() - self.clock_start
-
     def should_stop(self) -> bool:
         """True once the budget has run out (asked after every optimizer step)."""
         return self.clock()

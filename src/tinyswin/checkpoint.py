@@ -8,7 +8,6 @@ Reading it cannot run code: `torch.load(weights_only=True)` refuses any pickle t
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import random
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinyswin.errors import DiskFullError
+from tinyswin.errors import DISK_FULL_ERRNOS, disk_full_cause, disk_full_error, disk_full_reason
 
 FORMAT = 1  # the layout below; a checkpoint of another format is refused on load
 REQUIRED_KEYS = ("format", "model", "model_config", "class_names")
@@ -48,8 +47,6 @@ CONTENTS = (
 # that a test can kill a process in the middle of a checkpoint write.
 WRITE_DELAY_ENV = "TINYSWIN_CHECKPOINT_WRITE_DELAY"
 TEMP_MARKER = ".tmp-"
-# the errors of a write that ran out of room: no space, over quota, or over the file size limit (RLIMIT_FSIZE)
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -73,30 +70,6 @@ def make_checkpoint(**parts: Any) -> dict[str, Any]:
     if missing or extra:
         raise ValueError(f"checkpoint format {FORMAT}: missing keys {missing}, unknown keys {extra}")
     return {"format": FORMAT, **parts}
-
-
-def disk_full_cause(exc: BaseException) -> OSError | None:
-    """The out-of-space `OSError` behind `exc` (itself, or one it was raised from or during), or None.
-
-    Of several in the chain, the first that carries the system's text (`strerror`) wins.
-    """
-    found: list[OSError] = []
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
-            found.append(current)
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return next((e for e in found if e.strerror), found[0] if found else None)
-
-
-def disk_full_error(message: str, cause: OSError | None = None) -> DiskFullError:
-    """A `DiskFullError` whose text is `message` alone (one line) and whose errno is the cause's (ENOSPC
-    without one)."""
-    error = DiskFullError(message)
-    error.errno = cause.errno if cause is not None else errno.ENOSPC
-    return error
 
 
 class _RecordingWriter:
@@ -147,8 +120,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], Any]) -> P
         tmp.unlink(missing_ok=True)
         cause = writer.error if writer is not None and writer.error is not None else disk_full_cause(exc)
         if isinstance(exc, Exception) and cause is not None and cause.errno in DISK_FULL_ERRNOS:
-            reason = cause.strerror or os.strerror(cause.errno)
-            raise disk_full_error(f"disk full while writing {path} ({reason})", cause) from cause
+            raise disk_full_error(
+                f"disk full while writing {path} ({disk_full_reason(cause)})", cause
+            ) from cause
         raise
     _fsync_dir(path.parent)
     return path

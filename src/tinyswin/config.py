@@ -272,11 +272,6 @@ def to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
-def save_yaml(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
-    """Write the config as YAML to `path`."""
-    Path(path).write_text(to_yaml(cfg))
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
@@ -587,11 +582,16 @@ def build_model_config(cfg: TrainConfig, num_classes: int, image_size: int) -> S
     return preset_config(cfg.model.preset, **overrides)
 
 
+def input_size(model_config: SwinConfig) -> tuple[int, int]:
+    """(H, W) of the model's input."""
+    size = model_config.img_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def eval_size(model_config: SwinConfig, image_size: int) -> tuple[int, int] | None:
     """(H, W) that evaluation resizes the stored `image_size` images to: the model's input size, or None
     where it is the stored size."""
-    size = model_config.img_size
-    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    hw = input_size(model_config)
     return None if hw == (image_size, image_size) else hw
 
 

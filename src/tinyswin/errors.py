@@ -1,7 +1,16 @@
 """The errors tinyswin reports to a user as one line (the CLI turns each into one line and exit code 2).
 
-Anything else that escapes is a bug and keeps its traceback.
+Anything else that escapes is a bug and keeps its traceback. A write that ran out of room is recognised in one
+place (`disk_full_cause`) and reported as a `DiskFullError` (`disk_full_error`).
 """
+
+from __future__ import annotations
+
+import errno
+import os
+
+# the errors of a write that ran out of room: no space, over quota, or over the file size limit (RLIMIT_FSIZE)
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
 
 
 class TinyswinError(Exception):
@@ -33,3 +42,32 @@ class Interrupted(TinyswinError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The out-of-space `OSError` behind `exc` (itself, or one it was raised from or during), or None.
+
+    Of several in the chain, the first that carries the system's text (`strerror`) wins.
+    """
+    found: list[OSError] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            found.append(current)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return next((e for e in found if e.strerror), found[0] if found else None)
+
+
+def disk_full_error(message: str, cause: OSError | None = None) -> DiskFullError:
+    """A `DiskFullError` whose text is `message` alone (one line) and whose errno is the cause's (ENOSPC
+    without one)."""
+    error = DiskFullError(message)
+    error.errno = cause.errno if cause is not None else errno.ENOSPC
+    return error
+
+
+def disk_full_reason(cause: OSError) -> str:
+    """The system's words for an out-of-space error ('No space left on device')."""
+    return cause.strerror or os.strerror(cause.errno or 0)

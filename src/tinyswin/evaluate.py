@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyswin.checkpoint import check_compatible, load_checkpoint
-from tinyswin.config import TrainConfig, build_augment_config, eval_size, from_dict
+from tinyswin.config import TrainConfig, build_augment_config, eval_size, from_dict, input_size
 from tinyswin.data import BatchLoader, build_augment, load_cache
 from tinyswin.data.imagefolder import decode_image
 from tinyswin.data.sources import resolve_data
@@ -174,8 +174,7 @@ class LoadedModel:
         self.class_ids: list[str] = list(ckpt.get("class_ids") or self.class_names)
         self.image_size = int(ckpt["image_size"])
         self.eval_size = eval_size(self.model_config, self.image_size)
-        side = self.model_config.img_size
-        self.input_size = (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+        self.input_size = input_size(self.model_config)
         norm = ckpt["normalization"]
         self.augment = build_augment(
             build_augment_config(self.config), tuple(norm["mean"]), tuple(norm["std"]), len(self.class_names)

@@ -225,17 +225,7 @@ class WarmupCosine:
 
     def state_dict(self) -> dict[str, Any]:
         """`{"steps": n}` plus the schedule's parameters (for the record)."""
-        return {
-            "steps": self.steps,
-            "peak_lr": self.peak_lr,
-            "iters_per_epoch": self.iters_per_epoch,
-            "epochs": self.epochs,
-            "warmup_epochs": self.warmup_epochs,
-            "warmup_start": self.warmup_start,
-            "min_lr": self.min_lr,
-            "per_iteration": self.per_iteration,
-            "segments": [dict(seg) for seg in self.segments],
-        }
+        return {"steps": self.steps, **self._segment(), **self.describe()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state["steps"]` (the other parameters come from the config; a schedule that differs

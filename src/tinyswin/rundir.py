@@ -36,15 +36,13 @@ from filelock import FileLock, Timeout
 from tinyswin.checkpoint import (
     atomic_save,
     atomic_write,
-    disk_full_cause,
-    disk_full_error,
     is_temp_name,
     load_checkpoint,
     remove_stale_temps,
 )
 from tinyswin.config import TrainConfig, to_yaml
 from tinyswin.engine import LoopState
-from tinyswin.errors import RunDirError
+from tinyswin.errors import RunDirError, disk_full_cause, disk_full_error, disk_full_reason
 from tinyswin.evaluate import EvalResult
 from tinyswin.plots import plot_run
 
@@ -279,9 +277,8 @@ class RunDir:
     def _refuse_os_error(self, action: str, exc: OSError) -> NoReturn:
         cause = disk_full_cause(exc)
         if cause is not None:
-            reason = cause.strerror or os.strerror(cause.errno or 0)
             raise disk_full_error(
-                f"disk full: cannot {action} {self.path} ({reason}): free some space",
+                f"disk full: cannot {action} {self.path} ({disk_full_reason(cause)}): free some space",
                 cause,
             ) from exc
         raise RunDirError(f"cannot {action} {self.path}: {exc.strerror or exc}") from None
@@ -337,8 +334,7 @@ class RunDir:
             cause = disk_full_cause(exc)
             if cause is None:
                 raise
-            reason = cause.strerror or os.strerror(cause.errno or 0)
-            message = f"disk full while writing {path} ({reason}): {self._advice()}"
+            message = f"disk full while writing {path} ({disk_full_reason(cause)}): {self._advice()}"
             raise disk_full_error(message, cause) from exc
 
     def _advice(self) -> str:

@@ -29,7 +29,6 @@ raises :class:`DamagedCacheError` naming what is wrong, never treats it as a sou
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -42,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from tinyswin.data.decode import channel_histogram
-from tinyswin.errors import DiskFullError, TinyswinError
+from tinyswin.errors import DiskFullError, TinyswinError, disk_full_cause, disk_full_error, disk_full_reason
 from tinyswin.version import __version__
 
 FORMAT_VERSION = 1
@@ -338,11 +337,14 @@ def remove_stale_partials(out: Path) -> None:
 
 
 def disk_full(exc: OSError, out: Path) -> DiskFullError | None:
-    """The one-line error for a write that failed for lack of space or quota, else None."""
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    """The one-line error for a write that failed for lack of space, quota or file size limit, else None."""
+    cause = disk_full_cause(exc)
+    if cause is None:
         return None
-    return DiskFullError(
-        f"no space left for the cache {out} ({exc.strerror}); free some space or choose another --out"
+    return disk_full_error(
+        f"no space left for the cache {out} ({disk_full_reason(cause)}); free some space or choose another "
+        "--out",
+        cause,
     )
 
 
