@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss, top-1, top-5")
-    p.add_argument("checkpoint", help="a .pt checkpoint (last.pt or best.pt of a run)")
+    p.add_argument("checkpoint", help="a .pt checkpoint, or a run directory (its best.pt, else last.pt)")
     p.add_argument("--data", default=None, help="cache or dataset (default: the run's own)")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval batch size")
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="classify image files with a checkpoint")
-    p.add_argument("checkpoint", help="a .pt checkpoint")
+    p.add_argument("checkpoint", help="a .pt checkpoint, or a run directory (its best.pt, else last.pt)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size and mode)")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default: 5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
