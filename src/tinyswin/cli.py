@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tinyswin.errors import Interrupted, TinyswinError
+from tinyswin.version import __version__
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinyswin",
         description="Train a Swin Transformer from scratch on small images.",
     )
+    parser.add_argument("--version", action="version", version=f"tinyswin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="list the model presets with parameters and FLOPs")
