@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Print the top classes of each image with their probabilities."""
-    from tinyswin.evaluate import predict
+    from tinyswin.predict import predict
 
     results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device, ema=args.ema)
     if args.json:

@@ -1,15 +1,14 @@
-"""Evaluation and inference: the per-epoch evaluation of a split, and the use of a trained checkpoint
-(evaluate it on a split of its data, or predict the classes of image files)."""
+"""Evaluation: the per-epoch evaluation of a split, and the evaluation of a trained checkpoint on a split
+of its data (LoadedModel rebuilds a checkpoint's model for evaluation and inference)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +16,6 @@ from torch import nn
 from tinyswin.checkpoint import check_compatible, load_checkpoint
 from tinyswin.config import TrainConfig, build_augment_config, eval_size, from_dict, input_size
 from tinyswin.data import BatchLoader, build_augment, load_cache
-from tinyswin.data.imagefolder import decode_image
 from tinyswin.data.sources import resolve_data
 from tinyswin.metrics import (
     calibration_bins,
@@ -264,60 +262,3 @@ def evaluate_checkpoint(
         "top5": result.top5,
         "ece": result.summary(loaded.class_names)["ece"],
     }
-
-
-def load_images(paths: Sequence[str | os.PathLike[str]], size: int) -> np.ndarray:
-    """Image files of any size and mode -> uint8 (N, size, size, 3), as `prepare` decodes them
-    (RGB, short side resized to `size`, centre crop).
-
-    Raises:
-        FileNotFoundError: a file is missing.
-        ValueError: a file is not a readable image.
-    """
-    out = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"image not found: {p}")
-        try:
-            out.append(decode_image(p.read_bytes(), size))
-        except Exception as exc:  # Pillow raises many kinds for unreadable files
-            raise ValueError(f"{p}: not a readable image ({exc})") from None
-    return np.stack(out)  # (N, size, size, 3)
-
-
-@torch.no_grad()
-def predict(
-    path: str | os.PathLike[str],
-    images: Sequence[str | os.PathLike[str]],
-    *,
-    topk: int = 5,
-    device: str = "auto",
-    ema: bool = False,
-) -> list[dict[str, Any]]:
-    """The `topk` classes of each image file with their probabilities.
-
-    Returns:
-        One dict per image: {"image", "predictions": [{"class", "class_id", "index", "probability"}, ...]}.
-    """
-    loaded = LoadedModel(path, device=device, ema=ema)
-    pixels = torch.from_numpy(load_images(images, loaded.image_size)).to(loaded.device)  # (N, S, S, 3)
-    k = max(1, min(topk, len(loaded.class_names)))
-    results = []
-    for start in range(0, len(images), 64):
-        x = loaded.normalize(pixels[start : start + 64])
-        logits = loaded.model(x).float()  # (B, K)
-        probs = logits.softmax(dim=1)
-        top = probs.topk(k, dim=1)
-        for i in range(x.shape[0]):
-            preds = [
-                {
-                    "class": loaded.class_names[j],
-                    "class_id": loaded.class_ids[j],
-                    "index": j,
-                    "probability": p,
-                }
-                for p, j in zip(top.values[i].tolist(), top.indices[i].tolist(), strict=True)
-            ]
-            results.append({"image": str(images[start + i]), "predictions": preds})
-    return results
