@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -88,15 +88,42 @@ def from_timm(
         state = dict(model_or_state_dict)
     else:
         raise ValueError(f"from_timm: expected a timm model or a state dict, got {type(model_or_state_dict)}")
-    official = _is_official_layout(state)
     model = SwinTransformer(config)
+    model.load_state_dict(map_state_dict(state, model))
+    return model
+
+
+def tinyswin_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm, official Swin or tinyswin state dict with tinyswin's parameter names, derived buffers left out.
+
+    A tinyswin state dict (keys under `stages.`) comes back as it is, buffers aside.
+    """
+    official = _is_official_layout(state) and not any(k.startswith("stages.") for k in state)
+    return {_rename(key, official): value for key, value in state.items() if not _DERIVED.search(key)}
+
+
+def map_state_dict(
+    state: Mapping[str, torch.Tensor], model: SwinTransformer, *, fresh: Collection[str] = ()
+) -> dict[str, torch.Tensor]:
+    """The entries of `model.state_dict()` taken from a timm / official / tinyswin state dict.
+
+    Relative position tables are resized (bicubic) where the source's window differs from the model's.
+
+    Args:
+        state: the source weights.
+        model: the model they go into (its config fixes every shape).
+        fresh: keys of the model that keep the model's own values (e.g. a head for other classes); source
+            entries under these names are dropped.
+
+    Returns:
+        A full state dict for `model` (CPU tensors of the model's dtypes).
+
+    Raises:
+        ValueError: one line naming the missing and unexpected keys, or a key whose shape does not fit.
+    """
     target = model.state_dict()
-    renamed: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if _DERIVED.search(key):
-            continue
-        renamed[_rename(key, official)] = value
-    missing = sorted(set(target) - set(renamed))
+    renamed = {k: v for k, v in tinyswin_names(state).items() if k not in fresh}
+    missing = sorted(set(target) - set(renamed) - set(fresh))
     unexpected = sorted(set(renamed) - set(target))
     if missing or unexpected:
         raise ValueError(
@@ -108,7 +135,7 @@ def from_timm(
         for name, module in model.named_modules()
         if hasattr(module, "table_window")
     }
-    loaded = {}
+    loaded = {key: target[key] for key in fresh if key in target}
     for key, value in renamed.items():
         if key in windows and value.shape != target[key].shape and value.ndim == 2:
             if value.shape[1] != target[key].shape[1]:
@@ -124,5 +151,4 @@ def from_timm(
                 f"the config needs {tuple(target[key].shape)}"
             )
         loaded[key] = value.detach().to(dtype=target[key].dtype, device="cpu")
-    model.load_state_dict(loaded)
-    return model
+    return loaded
