@@ -42,6 +42,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    """Download a dataset's official archive: resumable, checked against its published checksum."""
+    from tinyswin.data.download import default_download_dir, download_dataset
+
+    path = download_dataset(args.name, to=args.to, url=args.url, sha256=args.sha256, progress=not args.quiet)
+    if not args.quiet:
+        by_name = args.to is None or path.parent.resolve() == default_download_dir().resolve()
+        data = args.name if by_name else str(path)
+        print(f"{path}\nnext: tinyswin train --data {data}  (or: tinyswin prepare {path} --out CACHE_DIR)")
+    return 0
+
+
 def _default_run_dir(name: str) -> str:
     return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -73,6 +85,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(preset, args.config, overrides, default_preset="default")
         name = preset or Path(args.config).stem
         run_dir = args.out or _default_run_dir(name)
+    from tinyswin.data.download import fetch_for_training, resolve_known
+
+    if args.download:
+        fetch_for_training(cfg.data.source, progress=not args.quiet)
+    elif cfg.data.source is not None:
+        resolve_known(cfg.data.source)  # a name not downloaded yet: one line, before any file is written
     try:
         with distributed(cfg.device) as dist:  # torchrun's process group, or one process
             train(cfg, run_dir, resume=args.resume, dist=dist, progress=False if args.quiet else None)
@@ -164,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         "uint8 cache that training reads at memory speed.",
     )
     p.add_argument(
-        "source", help="tiny-imagenet-200.zip, an extracted tiny-imagenet-200/ folder, or root/<class>/*"
+        "source",
+        help="tiny-imagenet-200.zip, an extracted tiny-imagenet-200/ folder, root/<class>/*, or the official "
+        "cifar-10-python.tar.gz / cifar-100-python.tar.gz",
     )
     p.add_argument(
         "--out", required=True, help="cache directory to create (left untouched if it already matches)"
@@ -192,7 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Learning rate rule: optim.lr * batch_size / optim.lr_base_batch.",
     )
     p.add_argument("-h", "--help", action=_TrainHelp, nargs=0, help="show this help message and exit")
-    p.add_argument("--data", default=None, help="a cache, or a dataset to prepare into one (zip or folder)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a cache; a dataset to prepare into one (zip, folder or CIFAR tarball); or tiny-imagenet, "
+        "cifar10, cifar100: the archive `tinyswin download NAME` fetched",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download the dataset --data names (tiny-imagenet, cifar10, cifar100) first if it is not there "
+        "yet; without this flag nothing is ever downloaded",
+    )
     p.add_argument("--preset", default=None, help="a training preset (default: 'default'; listed below)")
     p.add_argument("--config", default=None, help="a YAML file of keys applied over the preset")
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<date>-<time>)")
@@ -208,6 +239,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars (one line per epoch)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "download",
+        help="download Tiny ImageNet, CIFAR-10 or CIFAR-100 (resumable, checksum-verified)",
+        description="Download a dataset's official archive with a progress bar. An interrupted download "
+        "resumes where it stopped; the file is checked against its published size and checksum and only then "
+        "takes its final name. A file already downloaded and verified is not downloaded again. Default "
+        "folder: $TINYSWIN_CACHE/downloads (~/.cache/tinyswin/downloads), where `train --data NAME` finds "
+        "it.",
+    )
+    p.add_argument("name", metavar="NAME", help="tiny-imagenet, cifar10 or cifar100")
+    p.add_argument(
+        "--to", default=None, metavar="DIR", help="folder to download into (default: the download folder)"
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        help="a mirror of the official file (still checked against the published checksum)",
+    )
+    p.add_argument(
+        "--sha256",
+        default=None,
+        metavar="HEX",
+        help="the sha256 of a file that is not the official one (checked instead of the published values)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no notes")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss, top-1, top-5")
     p.add_argument("checkpoint", help="a .pt checkpoint, or a run directory (its best.pt, else last.pt)")

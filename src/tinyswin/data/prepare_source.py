@@ -15,10 +15,12 @@ one image stays in train), drawn with ``numpy.random.default_rng(seed)``.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,35 @@ from tinyswin.data.cache import (
     publish,
     remove_stale_partials,
 )
+from tinyswin.data.cifar import CifarArchive, cifar_layout, is_tar, read_cifar, write_cifar_splits
 from tinyswin.data.decode import available_cpus, decode_splits, drop_rows
-from tinyswin.data.imagefolder import DatasetPlan, SourceTree, list_source, plan_imagefolder
+from tinyswin.data.imagefolder import DatasetPlan, list_source, plan_imagefolder
 from tinyswin.data.tinyimagenet import is_tinyimagenet, plan_tinyimagenet
 
 VAL_FRACTION = 0.1
 VAL_SEED = 0
+
+# decode(splits, folder, size, workers, progress) -> (bad files, train histogram)
+Decoder = Callable[[dict[str, tuple[list[str], np.ndarray]], Path, int, int, bool], tuple[list, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class PlannedSource:
+    """A source, listed and planned, with the way to decode its files.
+
+    Attributes:
+        path: the source as given (folder, zip or tarball).
+        kind: the meta ``source_kind``, e.g. "tinyimagenet-zip", "imagefolder-folder", "cifar10-tar".
+        plan: its classes and splits.
+        digest: sha256 of its listing (relative names and sizes).
+        decode: writes the planned splits' images into a partial cache folder.
+    """
+
+    path: Path
+    kind: str
+    plan: DatasetPlan
+    digest: str
+    decode: Decoder
 
 
 def _stratified_split(
@@ -123,8 +148,39 @@ def _bad_files_message(source: Path, bad: list[tuple[str, int, str]]) -> str:
     )
 
 
-def _plan_source(tree: SourceTree) -> DatasetPlan:
-    return plan_tinyimagenet(tree) if is_tinyimagenet(tree) else plan_imagefolder(tree)
+def plan_source(source: str | os.PathLike[str]) -> PlannedSource:
+    """List and plan a source: an official CIFAR tarball, a Tiny ImageNet zip or folder, or an image folder.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`prepare`.
+    """
+    if cifar_layout(source) is not None:
+        archive = read_cifar(source)
+        decode = functools.partial(_decode_cifar, archive)
+        kind = f"{archive.layout.kind}-tar"
+        return PlannedSource(archive.path, kind, archive.plan, archive.digest, decode)
+    if is_tar(source):
+        raise ValueError(
+            f"{source} is a tar archive but not an official CIFAR-10 or CIFAR-100 python-version tarball "
+            "(cifar-10-batches-py/ or cifar-100-python/ at its top); tinyswin reads other datasets from a "
+            "folder or a zip"
+        )
+    tree = list_source(source)
+    plan = plan_tinyimagenet(tree) if is_tinyimagenet(tree) else plan_imagefolder(tree)
+    kind = f"{plan.kind}-{'zip' if tree.is_zip else 'folder'}"
+    return PlannedSource(tree.path, kind, plan, tree.digest(), functools.partial(decode_splits, tree))
+
+
+def _decode_cifar(
+    archive: CifarArchive,
+    splits: dict[str, tuple[list[str], np.ndarray]],
+    folder: Path,
+    size: int,
+    workers: int,
+    progress: bool,
+) -> tuple[list, np.ndarray]:
+    """Write a CIFAR archive's planned rows (one process: its pixels are in memory already)."""
+    return write_cifar_splits(archive, splits, folder, size, progress)
 
 
 def _write_labels(
@@ -163,8 +219,7 @@ def _refuse_cache_as_source(source: str | os.PathLike[str]) -> None:
 
 
 def _decode_into_cache(
-    tree: SourceTree,
-    plan: DatasetPlan,
+    source: PlannedSource,
     splits: dict[str, tuple[list[str], np.ndarray]],
     out: Path,
     expected: dict[str, Any],
@@ -174,7 +229,7 @@ def _decode_into_cache(
     workers: int | None,
     progress: bool,
 ) -> tuple[dict[str, Any], list[tuple[str, int, str]]]:
-    """Decode ``splits`` of ``tree`` into a new temporary folder and publish it as the cache ``out``.
+    """Decode ``splits`` of ``source`` into a new temporary folder and publish it as the cache ``out``.
 
     ``expected`` holds the meta keys checked against an existing cache (source digest, image size, holdout,
     val_from_train). The temporary folder is removed on any error.
@@ -187,19 +242,19 @@ def _decode_into_cache(
         ValueError: bad images (all listed) without ``skip_bad``, or a split with no readable image.
     """
     size = expected["image_size"]
-    source_kind = f"{plan.kind}-{'zip' if tree.is_zip else 'folder'}"
+    plan = source.plan
     remove_stale_partials(out)
     n_workers = workers or available_cpus()
     tmp = new_partial(out)
     try:
         check_free_space(tmp, out, sum(len(files) for files, _ in splits.values()), size)
-        bad, hist = decode_splits(tree, splits, tmp, size, n_workers, progress)
+        bad, hist = source.decode(splits, tmp, size, n_workers, progress)
         if bad and not skip_bad:
-            raise ValueError(_bad_files_message(tree.path, bad))
-        labels_by_split = _write_labels(tmp, splits, bad, tree.path)
+            raise ValueError(_bad_files_message(source.path, bad))
+        labels_by_split = _write_labels(tmp, splits, bad, source.path)
         meta = base_meta(
             source=str(source_root),
-            source_kind=source_kind,
+            source_kind=source.kind,
             source_digest=expected["source_digest"],
             image_size=size,
             holdout=expected["holdout"],
@@ -239,14 +294,16 @@ def prepare(
 ) -> Path:
     """Decode a dataset once into a uint8 cache at ``out``.
 
-    ``source`` is a Tiny ImageNet zip or folder (see :mod:`tinyswin.data.tinyimagenet`) or an image-folder
-    root, as a folder or a zip (see :mod:`tinyswin.data.imagefolder`). The layout is checked and every error
-    found before anything is written; images are decoded by a pool of processes, each with its own zip
-    handle, straight into the memory-mapped arrays of a temporary folder renamed into place at the end. A
-    source with no val split gets one carved from train (``VAL_FRACTION`` of each class; a note says so).
+    ``source`` is a Tiny ImageNet zip or folder (see :mod:`tinyswin.data.tinyimagenet`), an image-folder
+    root, as a folder or a zip (see :mod:`tinyswin.data.imagefolder`), or an official CIFAR-10 / CIFAR-100
+    python-version tarball (see :mod:`tinyswin.data.cifar`). The layout is checked and every error found
+    before anything is written; images are decoded by a pool of processes, each with its own zip handle,
+    straight into the memory-mapped arrays of a temporary folder renamed into place at the end (a tarball's
+    pixels are read once, in place, and written by this process). A source with no val split gets one
+    carved from train (``VAL_FRACTION`` of each class; a note says so).
 
     Args:
-        source: the zip file or folder.
+        source: the zip file, folder or CIFAR tarball.
         out: the cache folder to create.
         size: image side in pixels; images already size x size are kept pixel for pixel, others are resized
             (short side, antialiased bicubic) and centre-cropped.
@@ -273,16 +330,15 @@ def prepare(
     say = log if log is not None else print
     out = Path(out).expanduser()
     _refuse_cache_as_source(source)
-    tree = list_source(source)
-    source_root = tree.path.resolve()
-    if not tree.is_zip and (out.resolve() == source_root or source_root in out.resolve().parents):
-        raise ValueError(f"--out {out} must not be inside the source folder {tree.path}")
-    plan = _plan_source(tree)
-    splits, val_from_train, text = _plan_splits(plan, holdout, seed, tree.path)
+    planned = plan_source(source)
+    source_root = planned.path.resolve()
+    if planned.path.is_dir() and (out.resolve() == source_root or source_root in out.resolve().parents):
+        raise ValueError(f"--out {out} must not be inside the source folder {planned.path}")
+    splits, val_from_train, text = _plan_splits(planned.plan, holdout, seed, planned.path)
     holdout_meta = {"fraction": float(holdout), "seed": int(seed) if holdout > 0 else None}
     expected = {
         "format_version": FORMAT_VERSION,
-        "source_digest": tree.digest(),
+        "source_digest": planned.digest,
         "image_size": size,
         "holdout": holdout_meta,
         "val_from_train": val_from_train,
@@ -294,8 +350,7 @@ def prepare(
     if text is not None and (progress or log is not None):
         say(text)
     meta, bad = _decode_into_cache(
-        tree,
-        plan,
+        planned,
         splits,
         out,
         expected,

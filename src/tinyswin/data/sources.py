@@ -1,4 +1,9 @@
-"""Which cache a run reads: the built-in dataset, an existing cache, or a source prepared into one once."""
+"""Which cache a run reads: the built-in dataset, an existing cache, or a source prepared into one once.
+
+A source may be a dataset name tinyswin downloads ("tiny-imagenet", "cifar10", "cifar100"; see
+:mod:`tinyswin.data.download`): it stands for the archive in the default download folder, fetched only when
+asked (``download=True``, ``train --download``), never by surprise. A file or folder of that name wins.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tinyswin.data.cache import CacheMismatchError, is_cache, load_cache, looks_like_cache
+from tinyswin.data.download import resolve_known
 from tinyswin.data.prepare_source import prepare
 from tinyswin.data.synthetic import ensure_synthetic
 from tinyswin.paths import cache_root
@@ -29,27 +35,33 @@ def resolve_data(
     holdout_seed: int = 0,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    download: bool = False,
 ) -> Path:
     """The cache to read: the built-in dataset (`source` None), an existing cache, or a source prepared once
     into `source_cache_path(...)` and reused afterwards.
 
     Args:
-        source: a cache folder, a dataset (zip or folder), or None.
+        source: a cache folder, a dataset (zip, folder or CIFAR tarball), a dataset name tinyswin downloads
+            (its archive in the default download folder), or None.
         size: image side when a source is prepared.
         holdout: fraction of every train class kept aside as split 'holdout' when preparing.
         holdout_seed: seed of that draw.
         log: where the notes about preparing go (and the one about a val split carved from train).
-        progress: show the progress bar of preparing.
+        progress: show the progress bar of preparing (and of downloading).
+        download: download a named dataset that is not downloaded yet (otherwise that is an error).
 
     Raises:
         FileNotFoundError: `source` does not exist.
+        DownloadError: `source` names a dataset not downloaded yet (without `download`: the message says how
+            to get it), or its download failed.
         DamagedCacheError: `source` is a damaged cache (the message says what is wrong and what to do).
         CacheMismatchError: the cache prepared earlier from `source` no longer matches it (its files changed).
         ValueError: the source cannot be prepared (its layout, bad images; the message says which).
     """
     if source is None:
         return ensure_synthetic()
-    path = Path(source).expanduser()
+    archive = resolve_known(source, download=download, progress=progress, log=log)
+    path = archive if archive is not None else Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data source not found: {source}")
     if looks_like_cache(path):
@@ -59,7 +71,7 @@ def resolve_data(
     try:
         if is_cache(out):  # prepare checks that it still matches the source, and returns at once
             return prepare(path, out, **options, progress=False)
-        log(f"preparing {source} into the cache {out} (once; reused next time)")
+        log(f"preparing {path} into the cache {out} (once; reused next time)")
         return prepare(path, out, **options, progress=progress, log=log)
     except CacheMismatchError as exc:
         raise CacheMismatchError(
