@@ -54,6 +54,7 @@ CASES: dict[str, tuple[Any, Any]] = {
     "batch_size": (0, 1),
     "accumulation": (0, 1),
     "eval_batch_size": (0, 1),
+    "tta": ("sideways", "flip"),
     "label_smoothing": (1.0, 0.0),
     "precision": ("fp8", "fp32"),
     "compile": ("true", True),

@@ -111,6 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         ema=args.ema,
+        tta=args.tta,
         log=(lambda _msg: None) if args.json else print,
         progress=not args.json,
     )
@@ -121,6 +122,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{result['checkpoint']} on {result['split']} ({result['n']} images): loss {result['loss']:.4f}  "
             f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  ECE {result['ece']:.4f}"
         )
+        if "top1_no_tta" in result:
+            print(
+                f"  test-time flip: without it, loss {result['loss_no_tta']:.4f}  top-1 "
+                f"{100 * result['top1_no_tta']:.2f}%  top-5 {100 * result['top5_no_tta']:.2f}%"
+            )
     return 0
 
 
@@ -274,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default=None,
+        help="test-time augmentation: flip averages the logits of each image and its mirror, and also "
+        "reports the numbers without it (default: the run's tta key)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, top1, top5, ...)")
     p.set_defaults(func=cmd_eval)
 

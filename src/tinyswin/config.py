@@ -123,6 +123,7 @@ class TrainConfig:
     batch_size: int = 128  # global: summed over processes and accumulation steps
     accumulation: int = 1  # micro-batches per optimizer step
     eval_batch_size: int = 256  # per process
+    tta: Literal["none", "flip"] = "none"  # test-time augmentation: flip averages image and mirror logits
     label_smoothing: float = 0.1  # on unmixed batches
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model

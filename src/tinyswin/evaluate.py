@@ -17,20 +17,25 @@ from tinyswin.checkpoint import check_compatible, load_checkpoint
 from tinyswin.config import TrainConfig, build_augment_config, eval_size, from_dict, input_size
 from tinyswin.data import BatchLoader, build_augment, load_cache
 from tinyswin.data.sources import resolve_data
+from tinyswin.exported import checkpoint_from_exported, is_exported
 from tinyswin.metrics import (
     calibration_bins,
-    confusion_matrix,
     ece_from_bins,
     per_class_accuracy,
     topk_correct,
 )
 from tinyswin.model import SwinConfig, SwinTransformer
+from tinyswin.ranges import TTA_MODES
 from tinyswin.runtime import DistContext, all_reduce_, autocast, resolve_device, resolve_precision
 
 
 @dataclass
 class EvalResult:
-    """Sums over one split (all processes): loss, top-1, top-5, confusion matrix, calibration bins."""
+    """Sums over one split (all processes): loss, top-1, top-5, confusion matrix, calibration bins.
+
+    With test-time augmentation (`tta` 'flip') the sums are those of the averaged logits, and `plain` holds
+    the same sums for the unaugmented images (computed in the same pass).
+    """
 
     n: int
     loss_sum: float
@@ -38,6 +43,8 @@ class EvalResult:
     correct5: int
     confusion: torch.Tensor  # (K, K) int64, rows = true class
     bins: torch.Tensor  # (3, n_bins) float64, see metrics.calibration_bins
+    tta: str = "none"
+    plain: EvalResult | None = None  # the same split without test-time augmentation (tta 'flip' only)
 
     @property
     def loss(self) -> float:
@@ -52,17 +59,83 @@ class EvalResult:
         return self.correct5 / max(self.n, 1)
 
     def summary(self, class_names: list[str]) -> dict[str, Any]:
-        """Top-1/5, loss, per-class accuracy, confusion matrix and ECE, as plain data."""
+        """Top-1/5, loss, per-class accuracy, confusion matrix and ECE, as plain data (with 'flip', also
+        the top-1/5 and loss without test-time augmentation)."""
         per_class = per_class_accuracy(self.confusion)
-        return {
+        out = {
             "n": self.n,
             "loss": self.loss,
             "top1": self.top1,
             "top5": self.top5,
             "ece": ece_from_bins(self.bins),
+            "tta": self.tta,
             "per_class_accuracy": dict(zip(class_names, per_class, strict=True)),
             "confusion_matrix": self.confusion.tolist(),
         }
+        if self.plain is not None:
+            out |= {
+                "top1_no_tta": self.plain.top1,
+                "top5_no_tta": self.plain.top5,
+                "loss_no_tta": self.plain.loss,
+            }
+        return out
+
+
+class _Sums:
+    """Running sums of one evaluation on the device (no host sync per batch): loss, top-1/5 counts, the
+    confusion matrix, and the confidences and hits for the calibration bins (binned once at the end)."""
+
+    def __init__(self, num_classes: int, label_smoothing: float, device: torch.device) -> None:
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.n = 0
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.hits = torch.zeros(2, dtype=torch.int64, device=device)  # top-1, top-5
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+        self.confidence: list[torch.Tensor] = []
+        self.correct: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: float (B, K) logits of its real rows, int64 (B,) labels."""
+        self.n += labels.shape[0]
+        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction="sum")
+        self.loss += ce.double()
+        self.hits += torch.stack(topk_correct(logits, labels, (1, 5)))
+        confidence, pred = logits.softmax(dim=1).max(dim=1)  # (B,), (B,)
+        flat = labels * self.num_classes + pred  # (B,) index into the flattened (K, K) matrix
+        self.confusion.index_add_(0, flat, torch.ones_like(flat))
+        self.confidence.append(confidence)
+        self.correct.append(pred == labels)
+
+    def result(self, dist: DistContext | None, tta: str = "none") -> EvalResult:
+        """The sums over all processes (the one host sync of the evaluation)."""
+        device = self.loss.device
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
+        sums = torch.cat([self.loss.reshape(1), n, self.hits.double(), self.confusion.double()])
+        all_reduce_(sums, dist)
+        empty = torch.zeros(0, device=device)
+        confidence = torch.cat(self.confidence) if self.confidence else empty
+        correct = torch.cat(self.correct) if self.correct else empty.bool()
+        bins = all_reduce_(calibration_bins(confidence, correct).to(device), dist).cpu()  # (3, n_bins)
+        k = self.num_classes
+        n_all, c1, c5 = (round(v) for v in sums[1:4].tolist())
+        return EvalResult(
+            n=n_all,
+            loss_sum=float(sums[0]),
+            correct1=c1,
+            correct5=c5,
+            confusion=sums[4:].round().long().reshape(k, k).cpu(),  # (K, K)
+            bins=bins,
+            tta=tta,
+        )
+
+
+def _padded(images: torch.Tensor, rows: int) -> torch.Tensor:
+    """`images` (B, ...) with zero rows appended up to `rows` (>= B): one batch shape for a compiled model."""
+    if images.shape[0] >= rows:
+        return images
+    pad = images.new_zeros((rows - images.shape[0], *images.shape[1:]))
+    return torch.cat([images, pad])  # (rows, ...)
 
 
 @torch.no_grad()
@@ -75,8 +148,18 @@ def evaluate(
     label_smoothing: float = 0.0,
     amp_dtype: torch.dtype | None = None,
     dist: DistContext | None = None,
+    tta: str = "none",
+    static_shapes: bool = True,
 ) -> EvalResult:
     """Loss, top-1, top-5, confusion matrix and calibration of `model` over batches of one split.
+
+    Static shapes: a batch smaller than the first (the last, partial one) is padded with zero images to the
+    first batch's size, so that a compiled model sees one input shape; only the real rows' logits enter the
+    sums (loss, top-1/5, confusion, calibration). Nothing waits for the device until the end.
+
+    Test-time augmentation 'flip' (as airbench): the logits of a batch are the mean of the model's logits on
+    the images and on their horizontal mirrors (two calls of the same shape); the result's `plain` holds the
+    sums of the first call alone, i.e. the same split without test-time augmentation.
 
     Args:
         model: the classifier; put in eval mode here (and left so).
@@ -87,37 +170,33 @@ def evaluate(
         label_smoothing: of the reported loss (the training loss on unmixed batches).
         amp_dtype: autocast dtype, or None.
         dist: the process group's context, or None for one process.
+        tta: 'none' or 'flip'.
+        static_shapes: pad partial batches to the first batch's size (False: run them as they come).
+
+    Raises:
+        ValueError: an unknown `tta`.
     """
+    if tta not in TTA_MODES:
+        raise ValueError(f"evaluate: tta must be one of {TTA_MODES}, got {tta!r}")
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # n, top-1, top-5
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    bins = torch.zeros(3, 15, dtype=torch.float64)
+    sums = _Sums(num_classes, label_smoothing, device)
+    plain = _Sums(num_classes, label_smoothing, device) if tta == "flip" else None
+    rows = 0  # the batch size the model sees: that of the first batch
     for images, labels in batches:
-        x = normalize(images)
+        b = labels.shape[0]
+        rows = rows or b
+        x = normalize(_padded(images, rows) if static_shapes else images)  # (rows, 3, H', W')
         with autocast(device, amp_dtype):
-            logits = model(x)
-        logits = logits.float()  # (B, K)
-        loss_sum += F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum").double()
-        c1, c5 = topk_correct(logits, labels, (1, 5))
-        counts += torch.stack([torch.tensor(labels.numel(), device=device), c1, c5])
-        probs = logits.softmax(dim=1)
-        confidence, pred = probs.max(dim=1)  # (B,), (B,)
-        confusion += confusion_matrix(pred, labels, num_classes)
-        bins += calibration_bins(confidence, pred == labels)
-    sums = torch.cat([loss_sum.reshape(1), counts.double(), confusion.flatten().double()])
-    all_reduce_(sums, dist)
-    bins = all_reduce_(bins.to(device), dist).cpu()
-    n, c1, c5 = (int(v) for v in sums[1:4].tolist())
-    return EvalResult(
-        n=n,
-        loss_sum=float(sums[0]),
-        correct1=c1,
-        correct5=c5,
-        confusion=sums[4:].round().long().reshape(num_classes, num_classes).cpu(),  # (K, K)
-        bins=bins,
-    )
+            logits = model(x).float()  # (rows, K)
+            if plain is not None:
+                plain.add(logits[:b], labels)
+                logits = (logits + model(x.flip(-1)).float()) * 0.5  # mean with the mirror's logits
+        sums.add(logits[:b], labels)
+    result = sums.result(dist, tta)
+    if plain is not None:
+        result.plain = plain.result(dist)
+    return result
 
 
 def resolve_checkpoint(path: str | os.PathLike[str], prefer: str = "best.pt") -> Path:
@@ -149,8 +228,9 @@ class LoadedModel:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", ema: bool = False) -> None:
-        self.path = resolve_checkpoint(path)
-        ckpt = load_checkpoint(self.path)
+        self.exported = is_exported(path)  # a folder of `tinyswin export --format safetensors`
+        self.path = Path(path) if self.exported else resolve_checkpoint(path)
+        ckpt = checkpoint_from_exported(self.path) if self.exported else load_checkpoint(self.path)
         self.checkpoint = ckpt
         self.config: TrainConfig = from_dict(ckpt["train_config"], str(self.path))
         self.device = resolve_device(device if device != "auto" else self.config.device)
@@ -196,6 +276,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     device: str = "auto",
     ema: bool = False,
+    tta: str | None = None,
     log: Any = print,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -208,17 +289,21 @@ def evaluate_checkpoint(
         batch_size: default: the run's eval batch size.
         device: 'auto', 'cpu', 'cuda', ...
         ema: evaluate the EMA weights.
+        tta: test-time augmentation, 'none' or 'flip' (see `evaluate`); default: the run's `tta` key.
         log: where a note about preparing the data goes.
         progress: show the progress of preparing the data, if it must be prepared.
 
     Returns:
-        {"loss", "top1", "top5", "n", "split", "checkpoint", "ece"}.
+        {"checkpoint", "split", "n", "tta", "loss", "top1", "top5", "ece"}, and with 'flip' also
+        "loss_no_tta", "top1_no_tta", "top5_no_tta" (the same images without test-time augmentation).
 
     Raises:
         ValueError: the data's class list differs from the checkpoint's, or the split is missing.
     """
     loaded = LoadedModel(path, device=device, ema=ema)
     cfg = loaded.config
+    if data is None and loaded.exported:
+        raise ValueError(f"{loaded.path}: an exported model does not name its data: give it (--data CACHE)")
     source = data if data is not None else cfg.data.source
     cache = load_cache(
         resolve_data(
@@ -252,13 +337,22 @@ def evaluate_checkpoint(
         num_classes=len(loaded.class_names),
         label_smoothing=cfg.label_smoothing,
         amp_dtype=loaded.amp_dtype,
+        tta=cfg.tta if tta is None else tta,
     )
-    return {
+    out = {
         "checkpoint": str(loaded.path),
         "split": split,
         "n": result.n,
+        "tta": result.tta,
         "loss": result.loss,
         "top1": result.top1,
         "top5": result.top5,
-        "ece": result.summary(loaded.class_names)["ece"],
+        "ece": ece_from_bins(result.bins),
     }
+    if result.plain is not None:
+        out |= {
+            "loss_no_tta": result.plain.loss,
+            "top1_no_tta": result.plain.top1,
+            "top5_no_tta": result.plain.top5,
+        }
+    return out

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 VAL_SPLITS = ("val", "holdout")
 SCHEDULE_STEPS = ("iteration", "epoch")
+TTA_MODES = ("none", "flip")
 
 
 class Range(NamedTuple):
@@ -123,6 +124,7 @@ RANGES: Mapping[str, Range] = types.MappingProxyType(
         "batch_size": interval(1, integer=True),
         "accumulation": interval(1, integer=True),
         "eval_batch_size": interval(1, integer=True),
+        "tta": choice(TTA_MODES),
         "label_smoothing": interval(0, 1, open_high=True),
         "precision": choice(PRECISIONS),
         "compile": boolean(),

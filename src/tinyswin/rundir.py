@@ -488,6 +488,9 @@ def summarize(
     for split in splits:
         r = results[split]
         summary |= {f"{split}_top1": r.top1, f"{split}_top5": r.top5, f"{split}_loss": r.loss}
+        if r.plain is not None:  # test-time augmentation: the final model's numbers without it too
+            summary |= {f"{split}_top1_no_tta": r.plain.top1, f"{split}_top5_no_tta": r.plain.top5}
+    summary["tta"] = results[splits[0]].tta
     if history:
         for key, value in history[-1].items():
             if key.startswith("ema_"):

@@ -121,6 +121,7 @@ class Run:
             label_smoothing=self.cfg.label_smoothing,
             amp_dtype=self.amp_dtype,
             dist=self.dist,
+            tta=self.cfg.tta,
         )
 
     def measure_eval(self) -> float:
@@ -134,6 +135,7 @@ class Run:
                 self.normalize,
                 num_classes=num_classes,
                 amp_dtype=self.amp_dtype,
+                tta=self.cfg.tta,
             )
 
         batches = [(next(iter(loader)), loader.num_total) for loader in self.eval_loaders.values()]
@@ -317,6 +319,12 @@ def _evaluate_splits(run: Run, record: dict[str, Any]) -> dict[str, EvalResult]:
                 f"{prefix}{split}_top1": result.top1,
                 f"{prefix}{split}_top5": result.top5,
             }
+            if result.plain is not None:  # test-time augmentation: the numbers without it too
+                record |= {
+                    f"{prefix}{split}_loss_no_tta": result.plain.loss,
+                    f"{prefix}{split}_top1_no_tta": result.plain.top1,
+                    f"{prefix}{split}_top5_no_tta": result.plain.top5,
+                }
     return results
 
 
