@@ -11,10 +11,12 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from test_cifar import make_cifar_tarball
 from tinyswin.cli import main
@@ -175,6 +177,45 @@ def test_a_server_that_ignores_the_range_starts_over(tmp_path, server) -> None:
     )
 
 
+def test_a_part_longer_than_the_file_is_refused_by_the_server_and_started_over(tmp_path, server) -> None:
+    state, base = server
+    body = state.files["/t.zip"] = _small_zip(20_000)
+    (tmp_path / "t.zip.part").write_bytes(b"\1" * (len(body) + 10))  # a leftover of another file
+    notes: list[str] = []
+    download_file(
+        f"{base}/t.zip",
+        tmp_path / "t.zip",
+        checksums=(("md5", hashlib.md5(body).hexdigest()),),
+        log=notes.append,
+    )
+    assert (tmp_path / "t.zip").read_bytes() == body
+    assert state.requests == [("/t.zip", f"bytes={len(body) + 10}-"), ("/t.zip", None)]
+    assert any("(HTTP 416): starting over" in note for note in notes)
+
+
+def test_a_second_download_of_the_same_file_waits_and_finds_it_done(tmp_path, server) -> None:
+    state, base = server
+    body = state.files["/t.zip"] = _small_zip(20_000)
+    dest = tmp_path / "t.zip"
+    other = FileLock(str(tmp_path / ".t.zip.lock"))  # another process downloading the same file
+    other.acquire()
+    notes: list[str] = []
+    result: list[Path] = []
+    checks = (("sha256", _sha256(body)),)
+    thread = threading.Thread(
+        target=lambda: result.append(download_file(f"{base}/t.zip", dest, checksums=checks, log=notes.append))
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not notes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert notes == [f"waiting for another download of {dest} to finish"] and thread.is_alive()
+    dest.write_bytes(body)  # the other process finished
+    other.release()
+    thread.join(10)
+    assert result == [dest] and state.requests == [] and "already downloaded and verified" in notes[-1]
+
+
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 def test_a_cut_connection_is_one_line_and_the_rerun_resumes(tmp_path, server, capsys, reset) -> None:
     state, base = server
@@ -271,6 +312,7 @@ def test_train_never_downloads_without_the_flag(tmp_path, monkeypatch, capsys) -
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_train_download_fetches_prepares_and_trains(tmp_path, server, monkeypatch, capsys) -> None:
     state, base = server
     tarball = tmp_path / "src.tar.gz"

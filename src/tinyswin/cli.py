@@ -46,7 +46,10 @@ def cmd_download(args: argparse.Namespace) -> int:
     """Download a dataset's official archive: resumable, checked against its published checksum."""
     from tinyswin.data.download import default_download_dir, download_dataset
 
-    path = download_dataset(args.name, to=args.to, url=args.url, sha256=args.sha256, progress=not args.quiet)
+    log = None if args.quiet else print
+    path = download_dataset(
+        args.name, to=args.to, url=args.url, sha256=args.sha256, progress=log is not None, log=log
+    )
     if not args.quiet:
         by_name = args.to is None or path.parent.resolve() == default_download_dir().resolve()
         data = args.name if by_name else str(path)

@@ -332,7 +332,7 @@ def download_file(
     size: int | None = None,
     checksums: tuple[tuple[str, str], ...] = (),
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = print,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Path:
     """Download ``url`` to ``dest``: resumable, checked, renamed into place only when right.
@@ -342,8 +342,8 @@ def download_file(
         dest: the final file.
         size: the expected size in bytes (None: not checked).
         checksums: (algorithm, hex digest) pairs, every one checked (e.g. ``(("sha256", "6d95..."),)``).
-        progress: a progress bar on a terminal (a line elsewhere) and the notes; off: nothing is printed.
-        log: where the notes go.
+        progress: a progress bar on a terminal (one line elsewhere).
+        log: where the notes go (what was found, resumed, downloaded); None: nowhere.
         timeout: seconds of silence from the server before giving up (the ``.part`` is kept).
 
     Returns:
@@ -356,17 +356,22 @@ def download_file(
         DiskFullError: no space left (the ``.part`` keeps what was written).
     """
     dest = Path(dest).expanduser()
-    say = log if progress else (lambda _msg: None)
+    say = log if log is not None else (lambda _msg: None)
     blocking = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"cannot download into {dest.parent}: {blocking} is a file")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(dest.parent / f".{dest.name}.lock"))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        say(f"waiting for another download of {dest} to finish")
-        lock.acquire()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            say(f"waiting for another download of {dest} to finish")
+            lock.acquire()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot download into {dest.parent} ({exc.strerror or type(exc).__name__}); choose another --to"
+        ) from exc
     try:
         return _download_locked(url, dest, size, checksums, timeout=timeout, progress=progress, log=say)
     finally:
@@ -423,7 +428,7 @@ def download_dataset(
     url: str | None = None,
     sha256: str | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = print,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Path:
     """Download the archive of a known dataset (``tinyswin download NAME``).
@@ -434,8 +439,8 @@ def download_dataset(
         url: a mirror of the official file (default: the official address); still checked against the
             published size and checksums unless ``sha256`` is given.
         sha256: the sha256 of a file that is not the official one: checked instead of the published values.
-        progress: a progress bar and the notes; off: nothing is printed.
-        log: where the notes go.
+        progress: a progress bar on a terminal (one line elsewhere).
+        log: where the notes go; None: nowhere.
         timeout: seconds of silence from the server before giving up.
 
     Returns:

@@ -22,7 +22,9 @@ def source_cache_path(source: str | Path, size: int, holdout: float, holdout_see
     """Where a source is prepared: `cache_root()/<name>-<hash of its path>-<size>px[-holdout<f>-seed<s>]`."""
     resolved = Path(source).expanduser().resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
-    stem = resolved.name.removesuffix(".zip")
+    stem = resolved.name
+    for suffix in (".zip", ".tar.gz", ".tgz", ".tar"):
+        stem = stem.removesuffix(suffix)
     suffix = f"-holdout{holdout:g}-seed{holdout_seed}" if holdout > 0 else ""
     return cache_root() / f"{stem}-{digest}-{size}px{suffix}"
 
