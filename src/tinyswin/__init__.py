@@ -14,6 +14,8 @@ _EXPORTS = {
     "preset_config": "tinyswin.model",
     "preset_names": "tinyswin.model",
     "from_timm": "tinyswin.interop",
+    "to_timm": "tinyswin.interop",
+    "load_pretrained": "tinyswin.exported",
 }
 
 __all__ = ["__version__", *_EXPORTS]

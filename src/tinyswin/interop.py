@@ -152,3 +152,69 @@ def map_state_dict(
             )
         loaded[key] = value.detach().to(dtype=target[key].dtype, device="cpu")
     return loaded
+
+
+# The timm builder that `to_timm` names; every geometry argument is given, so its defaults play no part.
+TIMM_ARCHITECTURE = "swin_tiny_patch4_window7_224"
+
+
+def _timm_problem(model: SwinTransformer) -> str | None:
+    """Why timm's SwinTransformer cannot build the same network as `model`, or None."""
+    config = model.config
+    if not config.patch_norm:
+        return "patch_norm is false and timm always normalises the patch embedding"
+    height, width = config.img_size if isinstance(config.img_size, tuple) else (config.img_size,) * 2
+    for i, stage in enumerate(model.stages):
+        res = (height // config.patch_size // 2**i, width // config.patch_size // 2**i)
+        window = stage.blocks[0].attn.table_window
+        if res[0] % window[0] or res[1] % window[1]:
+            return (
+                f"stage {i} has a {res[0]}x{res[1]} map that {window[0]}x{window[1]} windows do not tile, "
+                "and timm pads it after the shift where tinyswin pads before it"
+            )
+    return None
+
+
+def to_timm(model: SwinTransformer) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """The inverse of `from_timm`: a state dict and the arguments that rebuild the same network in timm.
+
+    `timm.create_model(**kwargs)` builds the network (windows are given per stage, clamped to the stage's map
+    as tinyswin clamps them; `always_partition` is timm's switch for `shift_full_window`), and
+    `load_state_dict(state_dict)` fills it; its logits equal the tinyswin model's at the config's image size.
+
+    Args:
+        model: a tinyswin SwinTransformer.
+
+    Returns:
+        (state_dict, create_model_kwargs): timm's parameter names, tensors on the CPU; plain data
+        (lists, numbers, strings) that `json.dumps` takes, `model_name` included.
+
+    Raises:
+        ValueError: the config is one timm's SwinTransformer cannot express (one line saying why).
+    """
+    config = model.config
+    problem = _timm_problem(model)
+    if problem:
+        raise ValueError(f"to_timm: timm's SwinTransformer cannot express this model: {problem}")
+    state = {}
+    for key, value in model.state_dict().items():
+        key = re.sub(r"^stages\.", "layers.", key)
+        state[re.sub(r"^head\.", "head.fc.", key)] = value.detach().cpu().clone()
+    img_size = config.img_size if isinstance(config.img_size, int) else list(config.img_size)
+    kwargs: dict[str, object] = {
+        "model_name": TIMM_ARCHITECTURE,
+        "img_size": img_size,
+        "patch_size": config.patch_size,
+        "in_chans": config.in_chans,
+        "num_classes": config.num_classes,
+        "embed_dim": config.embed_dim,
+        "depths": list(config.depths),
+        "num_heads": list(config.num_heads),
+        # one (h, w) pair per stage: a flat pair would read as one window for every stage
+        "window_size": [list(stage.blocks[0].attn.table_window) for stage in model.stages],
+        "always_partition": config.shift_full_window,
+        "mlp_ratio": config.mlp_ratio,
+        "qkv_bias": config.qkv_bias,
+        "drop_path_rate": config.drop_path_rate,
+    }
+    return state, kwargs
