@@ -137,14 +137,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Print the top classes of each image with their probabilities."""
     from tinyswin.predict import predict
 
-    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device, ema=args.ema)
+    model, images = args.checkpoint, args.images
+    if args.onnx:  # no model before the images
+        model, images = args.onnx, [args.checkpoint, *args.images]
+    if not images:
+        raise ValueError("no IMAGE given: name image files or folders after the model")
+    failed: list[str] = []
+
+    def report(message: str) -> None:
+        failed.append(message)
+        print(f"tinyswin predict: {' '.join(message.split())}", file=sys.stderr)
+
+    results = predict(
+        model, images, topk=args.topk, device=args.device, ema=args.ema, on_error=report, progress=None
+    )
     if args.json:
         print(json.dumps(results))
-        return 0
-    for item in results:
-        print(item["image"])
-        for p in item["predictions"]:
-            print(f"  {100 * p['probability']:6.2f}%  {p['class']} ({p['class_id']})")
+    else:
+        for item in results:
+            print(item["image"])
+            for p in item["predictions"]:
+                print(f"  {100 * p['probability']:6.2f}%  {p['class']} ({p['class_id']})")
+    return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a trained model to a safetensors folder, an ONNX file or a timm model folder."""
+    from tinyswin.export import export
+
+    result = export(args.checkpoint, args.format, args.out, ema=args.ema, quantize=args.quantize)
+    for path in result.paths:
+        print(f"exported {path}")
     return 0
 
 
@@ -293,14 +316,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, top1, top5, ...)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="classify image files with a checkpoint")
-    p.add_argument("checkpoint", help="a .pt checkpoint, or a run directory (its best.pt, else last.pt)")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size and mode)")
+    p = sub.add_parser(
+        "predict",
+        help="classify image files with a checkpoint, an exported folder or an ONNX file",
+        description="Print the top classes of each image. An unreadable image is reported on stderr in one "
+        "line and the others are still classified; the exit status is then 1.",
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="MODEL",
+        help="a .pt checkpoint, a run directory (its best.pt, else last.pt) or an exported safetensors "
+        "folder (left out with --onnx)",
+    )
+    p.add_argument(
+        "images", nargs="*", metavar="IMAGE", help="image files (any size and mode) or folders of them"
+    )
+    p.add_argument(
+        "--onnx", default=None, metavar="MODEL.onnx", help="run an exported ONNX file with ONNX Runtime"
+    )
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default: 5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="export a trained model: safetensors folder, ONNX file or timm model folder",
+        description="Write a trained model in another format, checked before it is put in place (ONNX and "
+        "timm: their logits against PyTorch's, within 1e-4); a failed export leaves nothing behind. Needs "
+        "the extra 'export' (and 'timm' for --format timm).",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a .pt checkpoint, a run directory (its best.pt, else last.pt) or an exported folder",
+    )
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("safetensors", "onnx", "timm"),
+        help="safetensors: model.safetensors + config.json (load_pretrained, predict, eval); onnx: one .onnx "
+        "file with its classes and normalisation in its metadata; timm: a folder in timm's hub layout",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="destination: a folder, or the .onnx file (default: beside the checkpoint, e.g. best.onnx, "
+        "best-safetensors/, best-timm/)",
+    )
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="onnx: also write an int8 copy (ONNX Runtime dynamic quantization) beside it, as NAME.int8.onnx",
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="redraw the loss, accuracy and learning-rate plots of a run")
     p.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
