@@ -74,6 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"schedule.epochs={args.epochs}")
     if args.time_budget is not None:
         overrides.append(f"time_budget={args.time_budget}")
+    if args.init is not None:
+        if args.resume:
+            raise ValueError("--init starts a new run; --resume continues from the weights in last.pt")
+        overrides.append(f"init={json.dumps(args.init)}")
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
@@ -266,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="fit the schedule into this many seconds (measured speed) and stop at a checkpoint in time",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="WEIGHTS",
+        help="fine-tune from these weights (key init): timm:NAME (a timm Swin; timm downloads it), a timm "
+        "or official Swin state dict (.pth/.bin/.safetensors), a tinyswin checkpoint or run directory, or an "
+        "exported folder; the model takes their geometry, windows fitted to the resolution, a new head",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars (one line per epoch)")

@@ -85,6 +85,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05  # on tensors with ndim >= 2 only
     decay_rel_pos_bias: bool = False  # False: the relative position tables are not decayed
+    layer_decay: float = 1.0  # fine-tuning: block i of L gets lr x layer_decay^(L+1-i); 1: off
     grad_clip: float | None = 5.0  # max global grad norm; None: no clipping
     fused: bool | None = None  # None: fused AdamW where the device supports it
 
@@ -133,6 +134,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch's intra-op work (0: torch's default, one per core)
     time_budget: float | None = None  # seconds; the schedule is planned to fit and the run stops in time
     tensorboard: bool = False  # TensorBoard event files (RUN_DIR/tensorboard/) when tensorboard is installed
+    init: str | None = None  # start from these weights: timm:NAME, a weights file, a run or export folder
 
     def peak_lr(self) -> float:
         """The learning rate after the linear scaling rule: lr * batch_size / lr_base_batch."""

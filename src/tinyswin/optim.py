@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,40 +14,85 @@ from torch import nn
 REL_POS_KEYWORD = "relative_position_bias_table"
 
 
+def layer_id(name: str, depths: Sequence[int]) -> int:
+    """The depth of a parameter for layer-wise learning-rate decay, as BEiT and timm's Swin count it.
+
+    0: the patch embedding; 1..L: the blocks in order over all stages (a stage's patch merge goes with its
+    first block, as timm's `group_matcher` puts it); L + 1: the final norm, the head and anything else.
+
+    Args:
+        name: a parameter name of a tinyswin SwinTransformer.
+        depths: blocks per stage (L = their sum).
+    """
+    if name.startswith("patch_embed."):
+        return 0
+    found = re.match(r"stages\.(\d+)\.(blocks\.(\d+)|downsample)\.", name)
+    if found is None:
+        return sum(depths) + 1
+    stage = int(found.group(1))
+    block = int(found.group(3)) if found.group(3) is not None else 0
+    return sum(depths[:stage]) + block + 1
+
+
 def param_groups(
-    model: nn.Module, weight_decay: float, decay_rel_pos_bias: bool = False
+    model: nn.Module, weight_decay: float, decay_rel_pos_bias: bool = False, layer_decay: float = 1.0
 ) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed (tensors with ndim >= 2) and not decayed (the rest and the excluded names).
+    """AdamW groups: decayed (tensors with ndim >= 2) and not decayed (the rest and the excluded names).
 
     Norm weights and biases are 1-D, so the ndim rule leaves them out; the relative position tables are 2-D,
     so they are left out by name (the model's `no_weight_decay_keywords()`), unless `decay_rel_pos_bias`.
 
+    With `layer_decay` < 1 (layer-wise learning-rate decay, for fine-tuning: BEiT, timm's
+    `param_groups_layer_decay`), each of the two groups is split by `layer_id`, and the group of depth i of
+    L + 1 carries `"lr_scale": layer_decay ** (L + 1 - i)`: 1 for the head and final norm, `layer_decay` for
+    the last block, `layer_decay ** (L + 1)` for the patch embedding. The schedule multiplies its rate by it.
+
     Args:
-        model: the (unwrapped) model.
+        model: the (unwrapped) model; a SwinTransformer when `layer_decay` < 1 (its config gives the depths).
         weight_decay: decay of the first group.
         decay_rel_pos_bias: also decay the relative position tables (the notebook's post-mortem blames this).
+        layer_decay: per-block factor of the learning rate from the head down; 1: none (two groups).
 
     Returns:
-        `[{"params": decayed, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]`, each
-        group also holding the parameter names under "names".
+        `[{"params": decayed, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]` (with
+        layer decay: such a pair per depth, empty groups left out, each with its "lr_scale"), each group also
+        holding the parameter names under "names".
     """
     keywords = set(getattr(model, "no_weight_decay_keywords", lambda: {REL_POS_KEYWORD})())
     keywords.add(REL_POS_KEYWORD)
     if decay_rel_pos_bias:
         keywords = {k for k in keywords if k != REL_POS_KEYWORD}
-    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    depths: Sequence[int] = ()
+    if layer_decay != 1.0:
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "depths"):
+            raise ValueError(
+                f"layer_decay={layer_decay}: needs a SwinTransformer (its depths), got {type(model)}"
+            )
+        depths = config.depths
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim >= 2 and not any(k in name for k in keywords):
-            decay.append(param)
-            decay_names.append(name)
-        else:
-            no_decay.append(param)
-            no_decay_names.append(name)
+        decayed = param.ndim >= 2 and not any(k in name for k in keywords)
+        depth = layer_id(name, depths) if depths else 0
+        group = groups.setdefault((depth, decayed), {"params": [], "names": []})
+        group["params"].append(param)
+        group["names"].append(name)
+    if not depths:
+        empty: dict[str, Any] = {"params": [], "names": []}
+        return [
+            {**groups.get((0, True), empty), "weight_decay": weight_decay},
+            {**groups.get((0, False), empty), "weight_decay": 0.0},
+        ]
+    top = sum(depths) + 1
     return [
-        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
-        {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
+        {
+            **groups[key],
+            "weight_decay": weight_decay if key[1] else 0.0,
+            "lr_scale": layer_decay ** (top - key[0]),
+        }
+        for key in sorted(groups, key=lambda k: (k[0], not k[1]))
     ]
 
 
@@ -57,14 +104,21 @@ def build_adamw(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     decay_rel_pos_bias: bool = False,
+    layer_decay: float = 1.0,
     fused: bool | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, ...)`; `fused=None` picks the fused kernel on CUDA."""
+    """AdamW over `param_groups(model, ...)`; `fused=None` picks the fused kernel on CUDA.
+
+    Groups with an "lr_scale" (layer-wise decay) start at `lr * lr_scale`; `WarmupCosine` keeps the scale.
+    """
     groups = [
         {k: v for k, v in g.items() if k != "names"}
-        for g in param_groups(model, weight_decay, decay_rel_pos_bias)
+        for g in param_groups(model, weight_decay, decay_rel_pos_bias, layer_decay)
     ]
+    for group in groups:
+        if "lr_scale" in group:
+            group["lr"] = lr * group["lr_scale"]
     kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(betas), "eps": eps}
     use_fused = torch.device(device).type == "cuda" if fused is None else fused
     if use_fused and "fused" in inspect.signature(torch.optim.AdamW).parameters:
@@ -130,7 +184,8 @@ class WarmupCosine:
     continues exactly.
 
     Args:
-        optimizer: its groups' "lr" is set on construction and by every `step()`.
+        optimizer: its groups' "lr" is set on construction and by every `step()` (times the group's
+            "lr_scale" where it has one).
         peak_lr: the learning rate at the end of warm-up (after the scaling rule).
         iters_per_epoch: optimizer steps per epoch.
         epochs, warmup_epochs, warmup_start, min_lr: see `schedule_lr`.
@@ -202,7 +257,7 @@ class WarmupCosine:
     def _apply(self) -> None:
         lr = self.lr_at(self.steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # the scale of layer-wise decay, where set
 
     def reschedule(self, *, epochs: float, warmup_epochs: float, per_iteration: bool | None = None) -> None:
         """Change the length (and stepping) of the schedule from the next step on (a time budget's plan)."""

@@ -110,6 +110,7 @@ RANGES: Mapping[str, Range] = types.MappingProxyType(
         "optim.eps": interval(0, open_low=True),
         "optim.weight_decay": interval(0),
         "optim.decay_rel_pos_bias": boolean(),
+        "optim.layer_decay": interval(0, 1, open_low=True),
         "optim.grad_clip": interval(0, open_low=True, null="null (no clipping)"),
         "optim.fused": boolean(null="null (where the device supports it)"),
         "schedule.epochs": interval(1, integer=True),
@@ -137,6 +138,10 @@ RANGES: Mapping[str, Range] = types.MappingProxyType(
         "threads": interval(0, integer=True),
         "time_budget": interval(0, open_low=True, null="null (no budget)"),
         "tensorboard": boolean(),
+        "init": Range(
+            lambda value: value is None or (isinstance(value, str) and value.strip() not in ("", "timm:")),
+            "a weights file, a run or export folder, timm:NAME, or null (fresh weights)",
+        ),
     }
 )
 """Dotted key -> the values it accepts, for every key of TrainConfig but those of the `model` and `augment`

@@ -54,6 +54,7 @@ from tinyswin.errors import Interrupted, RunDirError
 from tinyswin.evaluate import EvalResult, evaluate
 from tinyswin.model import SwinTransformer
 from tinyswin.optim import WarmupCosine, build_adamw
+from tinyswin.pretrained import describe_init, init_config, load_init, read_init
 from tinyswin.rundir import RunDir, format_epoch, summarize
 from tinyswin.runtime import (
     DistContext,
@@ -244,17 +245,26 @@ def setup_run(
     mean = tuple(data.mean) if data.mean is not None else cache.mean
     std = tuple(data.std) if data.std is not None else cache.std
     augment = build_augment(build_augment_config(cfg), mean, std, cache.num_classes)
+    init = None
+    if cfg.init is not None and ckpt is None:  # a resumed run's weights are in its checkpoint
+        init = read_init(cfg.init)
+        cfg = init_config(cfg, init, cache.image_size)  # the model takes the weights' geometry
     model_config = build_model_config(cfg, cache.num_classes, cache.image_size)
     size = eval_size(model_config, cache.image_size)
     plain_config = plain_model_config(model_config)
     if ckpt is not None:
         check_compatible(ckpt, model_config=plain_config, class_names=cache.class_names, source=str(source))
     torch.manual_seed(cfg.seed)
-    model = SwinTransformer(model_config).to(device)
+    model = SwinTransformer(model_config)
+    if init is not None:
+        load_init(model, init)
+        say(describe_init(init, model_config))
+    model = model.to(device)
     optim = cfg.optim
     optimizer = build_adamw(
         model, cfg.peak_lr(), weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps,
-        decay_rel_pos_bias=optim.decay_rel_pos_bias, fused=optim.fused, device=device,
+        decay_rel_pos_bias=optim.decay_rel_pos_bias, layer_decay=optim.layer_decay, fused=optim.fused,
+        device=device,
     )  # fmt: skip
     ema = None
     if cfg.ema.enabled:
