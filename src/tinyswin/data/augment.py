@@ -47,6 +47,7 @@ RandAugment warps, per-sample mixing) runs the eager op. Erasing is the same on 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,10 +59,12 @@ from tinyswin.data.augment_backend import (
     AugmentParams,
     EagerBackend,
     NativeBackend,
+    channels_first,
     normalize_,
     to_float_nchw,
 )
 from tinyswin.data.augment_config import AugmentConfig, augment_preset, augment_preset_names
+from tinyswin.data.augment_device import apply_device, sample_device
 from tinyswin.data.augment_geometry import resize, sample_pad_crop, sample_resized_crop
 from tinyswin.data.augment_mix import sample_erasing, sample_mix
 from tinyswin.data.augment_native import NativeKernels
@@ -124,6 +127,8 @@ class Augment:
         self.num_classes = int(num_classes)
         self.native = bool(native)
         self._backends: dict[str, EagerBackend] = {}  # by device type
+        self._generators: dict[str, torch.Generator] = {}  # by device, for ``device_params``
+        self._normalizations: dict[str, tuple[Tensor, Tensor]] = {}  # by device
 
     def __repr__(self) -> str:
         return (
@@ -132,8 +137,9 @@ class Augment:
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        """Picklable state: the backends (which hold a loaded library) are chosen again after unpickling."""
-        return {**self.__dict__, "_backends": {}}
+        """Picklable state: the backends (which hold a loaded library), generators and device tensors are made
+        again after unpickling."""
+        return {**self.__dict__, "_backends": {}, "_generators": {}, "_normalizations": {}}
 
     def backend(self, device: torch.device) -> EagerBackend:
         """The backend for batches on ``device``, chosen on first use per device type.
@@ -252,12 +258,15 @@ class Augment:
 
     def _normalization(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(scale, shift)``: float32 ``(3,)`` tensors on ``device``, ``scale = 1 / (255 std)``,
-        ``shift = mean / std``."""
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=device)
-        shift = torch.tensor(
-            [m / s for m, s in zip(self.mean, self.std, strict=True)], dtype=torch.float32, device=device
-        )
-        return scale, shift
+        ``shift = mean / std`` (made once per device: a copy to a GPU waits for it)."""
+        key = str(device)
+        if key not in self._normalizations:
+            scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=device)
+            shift = torch.tensor(
+                [m / s for m, s in zip(self.mean, self.std, strict=True)], dtype=torch.float32, device=device
+            )
+            self._normalizations[key] = (scale, shift)
+        return self._normalizations[key]
 
     def apply(self, images: Tensor, labels: Tensor, params: AugmentParams) -> tuple[Tensor, Tensor]:
         """Run the pipeline with given draws.
@@ -294,9 +303,40 @@ class Augment:
         Returns:
             ``(x, targets)`` as ``apply``.
         """
+        if self.config.device_params:  # one 63-bit seed from the CPU stream seeds the batch's device draws
+            seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+            return self.call_device(images, labels, seed, mix=mix)
         height, width = _image_hw(images)
         params = self.sample(images.shape[0], height, width, generator, mix=mix)
         return self.apply(images, labels, params)
+
+    def call_device(
+        self, images: Tensor, labels: Tensor, seed: int, mix: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Augment one training batch with its parameters drawn on its own device, without a host sync
+        (``augment_device``; what ``__call__`` runs with ``device_params``).
+
+        Args:
+            images: uint8 ``(B, H, W, 3)`` or ``(B, 3, H, W)`` on any device.
+            labels: ``(B,)`` int64.
+            seed: seeds the device generator (per-sample draws) and the host stream (per-batch mixing).
+            mix: False turns Mixup / CutMix off.
+
+        Returns:
+            ``(x, targets)`` as ``apply``.
+        """
+        channels_first(images)  # checks the batch
+        device = images.device
+        if str(device) not in self._generators:
+            self._generators[str(device)] = torch.Generator(device=device)
+        generator = self._generators[str(device)].manual_seed(seed)
+        height, width = _image_hw(images)
+        out_hw = self.output_size(height, width)
+        params = sample_device(
+            self.config, images.shape[0], height, width, out_hw, generator, random.Random(seed), mix=mix
+        )
+        normalization = self._normalization(device)
+        return apply_device(self.config, images, labels, params, normalization, self.num_classes, out_hw)
 
     def normalize(self, images: Tensor, size: int | tuple[int, int] | None = None) -> Tensor:
         """Eval path: optional resize (antialiased, rounded, with the config's interpolation), then normalize.

@@ -49,6 +49,9 @@ class AugmentConfig:
             Mixup with mixup_p, CutMix with cutmix_p).
         mix_lambda_clip: bounds of lambda (before the CutMix box correction).
         mix_label_smoothing: label smoothing folded into the soft targets of mixed batches.
+        device_params: draw the parameters on the batch's device and apply them without a host sync
+            (``augment_device``; for GPU runs): other random draws than the default, which draws everything
+            on the CPU so that CPU and GPU batches agree.
     """
 
     out_size: int | None = None
@@ -79,6 +82,7 @@ class AugmentConfig:
     mix_select: str = "sequential"
     mix_lambda_clip: tuple[float, float] = (0.001, 0.999)
     mix_label_smoothing: float = 0.0
+    device_params: bool = False
 
     def __post_init__(self) -> None:
         for key in ("crop_scale", "crop_ratio", "erase_scale", "erase_ratio", "mix_lambda_clip"):

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "AFFINE_OPS",
     "CropBoxes",
+    "affine_from_codes",
     "affine_grid_parts",
     "crop_source_coords",
     "pad_crop",
@@ -59,7 +61,7 @@ class CropBoxes:
 
 def _randint(high: Tensor, generator: torch.Generator) -> Tensor:
     """Uniform integers in ``[0, high)`` (elementwise ``high`` (N,) int64 >= 1), like ``torch.randint``."""
-    u = torch.rand(high.shape, generator=generator, dtype=torch.float64)
+    u = torch.rand(high.shape, generator=generator, dtype=torch.float64, device=high.device)
     return torch.minimum((u * high).floor().to(torch.int64), high - 1)
 
 
@@ -82,18 +84,22 @@ def sample_resized_crop(
         height, width: source image size.
         scale: range of the crop area as a fraction of the image area.
         ratio: range of the crop aspect ratio (width / height), sampled log-uniformly.
-        generator: CPU generator.
+        generator: a generator; the boxes are drawn on its device.
         attempts: tries per sample.
 
     Returns:
-        CropBoxes with CPU int64 tensors of shape ``(n,)``.
+        CropBoxes with int64 tensors of shape ``(n,)`` on the generator's device.
     """
     area = float(height * width)
+    dev = generator.device
     target = area * (
-        scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=generator, dtype=torch.float64)
+        scale[0]
+        + (scale[1] - scale[0])
+        * torch.rand(n, attempts, generator=generator, dtype=torch.float64, device=dev)
     )
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(lo + (hi - lo) * torch.rand(n, attempts, generator=generator, dtype=torch.float64))
+    u = torch.rand(n, attempts, generator=generator, dtype=torch.float64, device=dev)
+    aspect = torch.exp(lo + (hi - lo) * u)
     w = torch.round(torch.sqrt(target * aspect)).to(torch.int64)  # (n, attempts)
     h = torch.round(torch.sqrt(target / aspect)).to(torch.int64)
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -137,9 +143,11 @@ def sample_pad_crop(
     ph, pw = height + 2 * padding, width + 2 * padding
     if oh > ph or ow > pw:
         raise ValueError(f"crop size {out_hw} is larger than the padded image ({ph}, {pw})")
-    top = _randint(torch.full((n,), ph - oh + 1, dtype=torch.int64), generator)
-    left = _randint(torch.full((n,), pw - ow + 1, dtype=torch.int64), generator)
-    return CropBoxes(top=top, left=left, height=torch.full((n,), oh), width=torch.full((n,), ow))
+    dev = generator.device
+    top = _randint(torch.full((n,), ph - oh + 1, dtype=torch.int64, device=dev), generator)
+    left = _randint(torch.full((n,), pw - ow + 1, dtype=torch.int64, device=dev), generator)
+    full = torch.full((n,), oh, device=dev), torch.full((n,), ow, device=dev)
+    return CropBoxes(top=top, left=left, height=full[0], width=full[1])
 
 
 def _filter(d: Tensor, interpolation: str) -> Tensor:
@@ -216,7 +224,7 @@ def crop_source_coords(boxes: CropBoxes, flip: Tensor, out_hw: tuple[int, int]) 
         (boxes.top, boxes.height, out_hw[0], None),
         (boxes.left, boxes.width, out_hw[1], flip),
     ):
-        idx = torch.arange(out, dtype=torch.float64).expand(len(start), out)  # (N, out)
+        idx = torch.arange(out, dtype=torch.float64, device=start.device).expand(len(start), out)  # (N, out)
         if rev is not None:
             idx = torch.where(rev.unsqueeze(1), out - 1 - idx, idx)
         src = (idx + 0.5) * (length.double() / out).unsqueeze(1) - 0.5
@@ -321,6 +329,9 @@ def resize(x: Tensor, out_hw: tuple[int, int], interpolation: str = "bilinear") 
     return out.clamp_(0.0, 255.0).round_()
 
 
+AFFINE_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")  # RandAugment's geometric ops
+
+
 def randaugment_affine(ops: str | Sequence[str], magnitude: Tensor, height: int, width: int) -> Tensor:
     """Inverse affine matrices of RandAugment's geometric ops, as torchvision builds them for tensors.
 
@@ -334,12 +345,28 @@ def randaugment_affine(ops: str | Sequence[str], magnitude: Tensor, height: int,
     Returns:
         ``(N, 2, 3)`` float32 CPU matrices mapping centred output pixel coordinates to input coordinates.
     """
+    names = [ops] * len(magnitude) if isinstance(ops, str) else list(ops)
+    if set(names) - set(AFFINE_OPS) or len(names) != len(magnitude):
+        raise ValueError(
+            f"randaugment_affine: expected {len(magnitude)} names from {AFFINE_OPS}, got {names}"
+        )
+    code = torch.tensor([AFFINE_OPS.index(name) for name in names], dtype=torch.int64)
+    return affine_from_codes(code, magnitude, height, width)
+
+
+def affine_from_codes(code: Tensor, magnitude: Tensor, height: int, width: int) -> Tensor:
+    """``randaugment_affine`` with the ops given as indices into ``AFFINE_OPS``, on the tensors' device; any
+    other code (e.g. ``len(AFFINE_OPS)``) gives the identity matrix.
+
+    Args:
+        code: ``(N,)`` int64 op indices.
+        magnitude: ``(N,)`` signed magnitudes.
+        height, width: image size.
+
+    Returns:
+        ``(N, 2, 3)`` float32 inverse matrices on ``code``'s device.
+    """
     m = magnitude.double()
-    names = [ops] * len(m) if isinstance(ops, str) else list(ops)
-    kinds = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
-    if set(names) - set(kinds) or len(names) != len(m):
-        raise ValueError(f"randaugment_affine: expected {len(m)} names from {kinds}, got {names}")
-    code = torch.tensor([kinds.index(name) for name in names], dtype=torch.int64)
     zero = torch.zeros_like(m)
     shear = torch.rad2deg(torch.atan(m))
     shx, shy = torch.where(code == 0, shear, zero), torch.where(code == 1, shear, zero)

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -58,6 +57,7 @@ def sample_erasing(
     random_value: bool,
     generator: torch.Generator,
     attempts: int = 10,
+    dense_noise: bool = False,
 ) -> EraseParams:
     """Draw ``RandomErasing(p, scale, ratio)`` boxes for ``n`` samples, as torchvision's ``get_params``.
 
@@ -73,19 +73,26 @@ def sample_erasing(
         scale: range of the box area as a fraction of the image.
         ratio: range of the box aspect ratio (height / width), sampled log-uniformly.
         random_value: draw noise for the boxes.
-        generator: CPU generator.
+        generator: a generator; the draws are made on its device.
         attempts: tries per sample.
+        dense_noise: draw the noise as a whole ``(n, 3, height, width)`` batch (its size does not depend on
+            the boxes, so nothing waits for the device; ``erase_dense_`` takes it) instead of torchvision's
+            box-by-box values.
 
     Returns:
         EraseParams.
     """
-    coin = torch.rand(n, generator=generator, dtype=torch.float64) < p
+    dev = generator.device
+    coin = torch.rand(n, generator=generator, dtype=torch.float64, device=dev) < p
     area = float(height * width)
     target = area * (
-        scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=generator, dtype=torch.float64)
+        scale[0]
+        + (scale[1] - scale[0])
+        * torch.rand(n, attempts, generator=generator, dtype=torch.float64, device=dev)
     )
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(lo + (hi - lo) * torch.rand(n, attempts, generator=generator, dtype=torch.float64))
+    u = torch.rand(n, attempts, generator=generator, dtype=torch.float64, device=dev)
+    aspect = torch.exp(lo + (hi - lo) * u)
     h = torch.round(torch.sqrt(target * aspect)).to(torch.int64)  # (n, attempts)
     w = torch.round(torch.sqrt(target / aspect)).to(torch.int64)
     ok = (h < height) & (w < width)
@@ -93,11 +100,13 @@ def sample_erasing(
     h = h.gather(1, first).squeeze(1)
     w = w.gather(1, first).squeeze(1)
     apply = coin & ok.any(dim=1)
-    u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    u = torch.rand(n, 2, generator=generator, dtype=torch.float64, device=dev)
     top = torch.minimum((u[:, 0] * (height - h + 1)).floor().to(torch.int64), height - h)
     left = torch.minimum((u[:, 1] * (width - w + 1)).floor().to(torch.int64), width - w)
     noise = None
-    if random_value:
+    if random_value and dense_noise:
+        noise = torch.randn(n, 3, height, width, generator=generator, device=dev)
+    elif random_value:
         noise = torch.randn(int((3 * h * w)[apply].sum()), generator=generator)
     return EraseParams(apply=apply, top=top, left=left, height=h, width=w, noise=noise)
 
@@ -168,7 +177,7 @@ def sample_beta(alpha: float, n: int, generator: torch.Generator) -> Tensor:
     ``torch._standard_gamma`` is the one sampler in torch that takes a ``torch.Generator`` (the public
     ``torch.distributions.Beta`` draws from the global generator).
     """
-    conc = torch.full((2, n), float(alpha), dtype=torch.float64)
+    conc = torch.full((2, n), float(alpha), dtype=torch.float64, device=generator.device)
     g = torch._standard_gamma(conc, generator=generator)  # (2, n)
     total = g.sum(0)
     return torch.where(total > 0, g[0] / total.clamp(min=1e-300), torch.full_like(total, 0.5))
@@ -234,7 +243,8 @@ def sample_mix(
         MixParams.
     """
     k = n if per_sample else 1
-    u = torch.rand(k, 2, generator=generator, dtype=torch.float64)
+    dev = generator.device
+    u = torch.rand(k, 2, generator=generator, dtype=torch.float64, device=dev)
     if select == "sequential":
         mode = torch.where(
             u[:, 0] < mixup_p, MIX_MIXUP, torch.where(u[:, 1] < cutmix_p, MIX_CUTMIX, MIX_NONE)
@@ -246,19 +256,23 @@ def sample_mix(
     else:
         raise ValueError(f"mix select must be 'sequential' or 'exclusive', got {select!r}")
     lam_mixup = (
-        sample_beta(mixup_alpha, k, generator) if mixup_alpha > 0 else torch.ones(k, dtype=torch.float64)
+        sample_beta(mixup_alpha, k, generator)
+        if mixup_alpha > 0
+        else torch.ones(k, dtype=torch.float64, device=dev)
     )
     lam_cutmix = (
-        sample_beta(cutmix_alpha, k, generator) if cutmix_alpha > 0 else torch.ones(k, dtype=torch.float64)
+        sample_beta(cutmix_alpha, k, generator)
+        if cutmix_alpha > 0
+        else torch.ones(k, dtype=torch.float64, device=dev)
     )
     lam = torch.where(mode == MIX_CUTMIX, lam_cutmix, lam_mixup).clamp(*lam_clip)
-    partner = torch.randperm(n, generator=generator)
+    partner = torch.randperm(n, generator=generator, device=dev)
 
     cut = torch.sqrt(1.0 - lam)
     cut_h = (height * cut).to(torch.int64)
     cut_w = (width * cut).to(torch.int64)
-    cy = torch.randint(height, (k,), generator=generator)
-    cx = torch.randint(width, (k,), generator=generator)
+    cy = torch.randint(height, (k,), generator=generator, device=dev)
+    cx = torch.randint(width, (k,), generator=generator, device=dev)
     y1, y2 = (cy - cut_h // 2).clamp(0, height), (cy + cut_h // 2).clamp(0, height)
     x1, x2 = (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width)
     box = torch.stack([y1, y2, x1, x2], dim=1)  # (k, 4)
@@ -271,8 +285,12 @@ def sample_mix(
 
 
 def soft_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
-    """Smoothed one-hot targets ``(1 - s) * onehot + s / K``: ``(N,)`` int64 -> ``(N, K)`` float32."""
-    onehot = F.one_hot(labels, num_classes).to(torch.float32)
+    """Smoothed one-hot targets ``(1 - s) * onehot + s / K``: ``(N,)`` int64 -> ``(N, K)`` float32.
+
+    The one-hot rows are written by a scatter (``F.one_hot`` checks the labels' range, which waits for a
+    GPU)."""
+    onehot = torch.zeros(labels.shape[0], num_classes, dtype=torch.float32, device=labels.device)
+    onehot.scatter_(1, labels.view(-1, 1), 1.0)
     return onehot * (1.0 - smoothing) + smoothing / num_classes
 
 
@@ -313,8 +331,8 @@ def _mix_per_sample_(x: Tensor, params: MixParams) -> Tensor:
     n, _, h, w = x.shape
     dev = x.device
     # weight of the partner's pixel: 1 - lambda (Mixup), 1 inside the box (CutMix), 0 (none)
-    rows = torch.arange(h).view(1, h)
-    cols = torch.arange(w).view(1, w)
+    rows = torch.arange(h, device=params.box.device).view(1, h)
+    cols = torch.arange(w, device=params.box.device).view(1, w)
     y1, y2, x1, x2 = params.box.unbind(1)
     in_rows = ((rows >= y1.view(n, 1)) & (rows < y2.view(n, 1))).to(x.dtype)  # (N, H)
     in_cols = ((cols >= x1.view(n, 1)) & (cols < x2.view(n, 1))).to(x.dtype)  # (N, W)

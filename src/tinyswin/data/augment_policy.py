@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -119,10 +120,18 @@ def randaugment_values(op: str, magnitude: Tensor, num_bins: int, height: int, w
 
 
 @lru_cache(maxsize=16)
-def _value_table(num_bins: int, height: int, width: int) -> Tensor:
-    """``(14, num_bins)`` float64 unsigned op arguments of every whole bin (read-only, built once)."""
+def _value_table(num_bins: int, height: int, width: int, device: str = "cpu") -> Tensor:
+    """``(14, num_bins)`` float64 unsigned op arguments of every whole bin on ``device`` (read-only, built
+    once per device)."""
     bins = torch.arange(num_bins, dtype=torch.float64)
-    return torch.stack([randaugment_values(name, bins, num_bins, height, width) for name in RANDAUGMENT_OPS])
+    table = torch.stack([randaugment_values(name, bins, num_bins, height, width) for name in RANDAUGMENT_OPS])
+    return table.to(device)
+
+
+@lru_cache(maxsize=8)
+def _signed_ops(device: str) -> Tensor:
+    """``(14,)`` bool: which RandAugment ops take a random sign, on ``device`` (read-only)."""
+    return torch.tensor([name in _SIGNED for name in RANDAUGMENT_OPS], device=device)
 
 
 def sample_randaugment(
@@ -149,27 +158,29 @@ def sample_randaugment(
         num_bins: number of bins.
         magnitude_std: std of the magnitude bin per op (0 = fixed).
         height, width: image size.
-        generator: CPU generator.
+        generator: a generator; the draws are made on its device.
 
     Returns:
-        RandAugmentParams.
+        RandAugmentParams (on the generator's device).
     """
-    op_idx = torch.randint(len(RANDAUGMENT_OPS), (n, num_ops), generator=generator)
-    negate = torch.randint(2, (n, num_ops), generator=generator).bool()
-    mags = torch.full((n, num_ops), float(magnitude), dtype=torch.float64)
+    dev = generator.device
+    op_idx = torch.randint(len(RANDAUGMENT_OPS), (n, num_ops), generator=generator, device=dev)
+    negate = torch.randint(2, (n, num_ops), generator=generator, device=dev).bool()
+    mags = torch.full((n, num_ops), float(magnitude), dtype=torch.float64, device=dev)
     if math.isinf(magnitude_std):
-        mags = mags * torch.rand(n, num_ops, generator=generator, dtype=torch.float64)
+        mags = mags * torch.rand(n, num_ops, generator=generator, dtype=torch.float64, device=dev)
     elif magnitude_std > 0:
-        mags = mags + magnitude_std * torch.randn(n, num_ops, generator=generator, dtype=torch.float64)
+        noise = torch.randn(n, num_ops, generator=generator, dtype=torch.float64, device=dev)
+        mags = mags + magnitude_std * noise
     mags = mags.clamp(0.0, num_bins - 1)
-    table = _value_table(num_bins, height, width)  # (14, num_bins)
+    table = _value_table(num_bins, height, width, str(dev))  # (14, num_bins)
     lo = mags.floor().to(torch.int64)  # (n, num_ops)
     hi = (lo + 1).clamp(max=num_bins - 1)
     start = table[op_idx, lo]
     values = start + (mags - lo.double()) * (table[op_idx, hi] - start)  # whole bins: exactly the table
     posterize = op_idx == RANDAUGMENT_OPS.index("Posterize")
     values = torch.where(posterize, randaugment_values("Posterize", mags, num_bins, height, width), values)
-    signed = torch.tensor([name in _SIGNED for name in RANDAUGMENT_OPS])[op_idx]
+    signed = _signed_ops(str(dev))[op_idx]
     values = torch.where(signed & negate, -values, values)
     return RandAugmentParams(ops=op_idx, magnitudes=mags, values=values)
 
@@ -341,18 +352,20 @@ def sample_color_jitter(
         n: number of samples.
         brightness, contrast, saturation: jitter strengths (0 = off).
         hue: hue jitter in [0, 0.5] (0 = off).
-        generator: CPU generator.
+        generator: a generator; the draws are made on its device.
 
     Returns:
         ColorJitterParams.
     """
-    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)
-    u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
-    lows = torch.tensor(
-        [max(0.0, 1.0 - brightness), max(0.0, 1.0 - contrast), max(0.0, 1.0 - saturation), -hue]
-    )
-    highs = torch.tensor([1.0 + brightness, 1.0 + contrast, 1.0 + saturation, hue])
-    factors = lows.double() + (highs - lows).double() * u  # (n, 4)
+    dev = generator.device
+    order = torch.argsort(torch.rand(n, 4, generator=generator, device=dev), dim=1)
+    u = torch.rand(n, 4, generator=generator, dtype=torch.float64, device=dev)
+    # the ranges' ends as float32 numbers (torchvision's), combined per column with Python scalars: no copy
+    # of a table to the device
+    lows = np.array([max(0.0, 1.0 - brightness), max(0.0, 1.0 - contrast), max(0.0, 1.0 - saturation), -hue])
+    lows = lows.astype(np.float32)
+    spans = np.array([1.0 + brightness, 1.0 + contrast, 1.0 + saturation, hue], dtype=np.float32) - lows
+    factors = torch.stack([float(lows[i]) + float(spans[i]) * u[:, i] for i in range(4)], dim=1)  # (n, 4)
     enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
     return ColorJitterParams(order=order, factors=factors, enabled=enabled)
 
