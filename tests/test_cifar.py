@@ -1,5 +1,6 @@
 """CIFAR-10 and CIFAR-100 read in place from tarballs in the official python-version format."""
 
+import hashlib
 import io
 import os
 import pickle
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tinyswin.cli import main
-from tinyswin.data import load_cache, prepare
+from tinyswin.data import load_cache, prepare, prepare_source
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -87,7 +88,7 @@ def test_cifar10_tarball_round_trips_pixels_and_labels_into_the_cache(tmp_path: 
     assert np.allclose(cache.mean, mean, atol=1e-12)
 
 
-def test_cifar100_fine_labels_str_keys_and_resizing(tmp_path: Path) -> None:
+def test_cifar100_fine_labels_str_keys_and_resizing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tarball = tmp_path / "cifar-100-python.tar.gz"
     expected = make_cifar_tarball(tarball, "cifar100", per_batch=3, n_test=4, seed=1, str_keys=True)
     out = tmp_path / "cache"
@@ -103,8 +104,15 @@ def test_cifar100_fine_labels_str_keys_and_resizing(tmp_path: Path) -> None:
     assert np.array_equal(cache.split("val")[1], expected["val"][1])
     stamp = (out / "meta.json").stat().st_mtime_ns
     notes: list[str] = []
+
+    def unread(path: Path) -> None:
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(prepare_source, "read_cifar", unread)  # the check reads the tarball's bytes only
     assert prepare(tarball, out, size=48, log=notes.append) == out  # the same tarball: nothing rewritten
     assert (out / "meta.json").stat().st_mtime_ns == stamp and "already made" in notes[0]
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    assert load_cache(out).meta["source_digest"] == f"sha256:{digest}"
 
 
 def test_holdout_is_carved_from_cifar_train(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ A row of ``data`` is one 32x32 image, channel after channel (1024 red, 1024 gree
 top to bottom. Classes are the label names in their official order (label i is name i); CIFAR-100 uses the
 100 fine labels. Row ``r`` of member ``m`` is listed in the cache's file list as ``m#r``.
 
-The pickles are read with an unpickler that builds nothing but plain containers and numpy arrays, so a
-tarball from an untrusted mirror cannot run code.
+A cache made from a tarball records the sha256 of the tarball's bytes as its source digest (listing a
+compressed tarball would mean decompressing all of it), so an existing cache is checked without reading the
+batches. The pickles are read with an unpickler that builds nothing but plain containers and numpy arrays,
+so a tarball from an untrusted mirror cannot run code.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 import tarfile
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,14 +117,12 @@ class CifarArchive:
         path: the tarball.
         layout: which CIFAR it is.
         plan: classes and splits ('train', 'val'); files are ``member#row`` names.
-        digest: sha256 of the sorted listing of its files (names below the top folder, sizes).
         images: member -> uint8 (N, 32, 32, 3).
     """
 
     path: Path
     layout: CifarLayout
     plan: DatasetPlan
-    digest: str
     images: dict[str, np.ndarray]
 
 
@@ -181,15 +182,14 @@ def cifar_layout(source: str | os.PathLike[str]) -> CifarLayout | None:
     return _tar_layout(path) if is_tar(path) else None
 
 
-def _read_members(path: Path, layout: CifarLayout) -> tuple[dict[str, bytes], dict[str, int]]:
-    """The bytes of the members a layout needs, and the listing (name below the top folder -> size).
+def _read_members(path: Path, layout: CifarLayout) -> dict[str, bytes]:
+    """The bytes of the members a layout needs.
 
     Raises:
         ValueError: a damaged or truncated tarball, or a member missing.
     """
     wanted = {*layout.train, *layout.val, layout.meta}
     found: dict[str, bytes] = {}
-    listing: dict[str, int] = {}
     prefix = f"{layout.folder}/"
     try:
         with tarfile.open(path, "r:*") as tf:
@@ -198,7 +198,6 @@ def _read_members(path: Path, layout: CifarLayout) -> tuple[dict[str, bytes], di
                 if not member.isfile() or not name.startswith(prefix):
                     continue
                 rel = name[len(prefix) :]
-                listing[rel] = member.size
                 if rel in wanted:
                     handle = tf.extractfile(member)
                     found[rel] = handle.read() if handle is not None else b""
@@ -211,7 +210,7 @@ def _read_members(path: Path, layout: CifarLayout) -> tuple[dict[str, bytes], di
     if missing:
         listed = ", ".join(prefix + m for m in missing)
         raise ValueError(f"{path} is not a complete {layout.kind} tarball: {listed} missing")
-    return found, listing
+    return found
 
 
 def _batch(data: bytes, where: str, labels_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -257,7 +256,7 @@ def read_cifar(source: str | os.PathLike[str]) -> CifarArchive:
     """Read an official CIFAR-10 or CIFAR-100 python-version tarball in place.
 
     Returns:
-        The archive's plan (train = the train batches, val = the official test set), digest and pixels.
+        The archive's plan (train = the train batches, val = the official test set) and pixels.
 
     Raises:
         ValueError: not a CIFAR tarball, a damaged one, or a batch not in the official format.
@@ -266,7 +265,7 @@ def read_cifar(source: str | os.PathLike[str]) -> CifarArchive:
     layout = cifar_layout(path)
     if layout is None:
         raise ValueError(f"{path} is not an official CIFAR-10 or CIFAR-100 python-version tarball")
-    members, listing = _read_members(path, layout)
+    members = _read_members(path, layout)
     where = f"{path}:{layout.folder}/"
     class_names = _class_names(members[layout.meta], where + layout.meta, layout.names_key)
     images: dict[str, np.ndarray] = {}
@@ -281,11 +280,18 @@ def read_cifar(source: str | os.PathLike[str]) -> CifarArchive:
             files += [f"{member}#{row}" for row in range(len(pixels))]
             labels.append(member_labels)
         splits[split] = (files, np.concatenate(labels))
-    h = hashlib.sha256()
-    for rel, size in sorted(listing.items()):
-        h.update(f"{rel}\t{size}\n".encode())
     plan = DatasetPlan(layout.kind, class_names, list(class_names), splits)
-    return CifarArchive(path, layout, plan, "sha256:" + h.hexdigest(), images)
+    return CifarArchive(path, layout, plan, images)
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes: a tarball's cache digest (reading it costs a fraction of listing a
+    compressed tarball, which means decompressing all of it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -296,14 +302,25 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
+def _write_rows(archive: CifarArchive, names: list[str], out: np.ndarray, start: int, size: int) -> int:
+    """Write the images ``names`` (``member#row``) at ``size`` into rows ``start..`` of ``out``."""
+    for i, name in enumerate(names):
+        member, _, row = name.rpartition("#")
+        out[start + i] = resize_square(archive.images[member][int(row)], size)
+    return len(names)
+
+
 def write_cifar_splits(
     archive: CifarArchive,
     splits: dict[str, tuple[list[str], np.ndarray]],
     folder: Path,
     size: int,
+    workers: int,
     progress: bool,
 ) -> tuple[list[tuple[str, int, str]], np.ndarray]:
     """Write the rows named in ``splits`` (``member#row``) into ``<split>_images.npy`` files of ``folder``.
+
+    Images are resized by ``workers`` threads (Pillow resizes without the GIL), chunk by chunk.
 
     Returns:
         The bad files (none: every row of a checked batch is an image) and the train split's (3, 256)
@@ -316,17 +333,20 @@ def write_cifar_splits(
         print(f"writing {total:,} images of {archive.path.name}", file=sys.stderr)
     desc = f"writing {archive.path.name}"
     bar = tqdm(total=total, unit="img", desc=desc, disable=not (progress and on_terminal))
-    with bar:
+    chunk = 1024
+    with bar, ThreadPoolExecutor(max(1, workers)) as pool:
         for split, (files, _) in splits.items():
             out = np.lib.format.open_memmap(
                 folder / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3)
             )
-            for i, name in enumerate(files):
-                member, _, row = name.rpartition("#")
-                out[i] = resize_square(archive.images[member][int(row)], size)
+            jobs = [
+                pool.submit(_write_rows, archive, files[start : start + chunk], out, start, size)
+                for start in range(0, len(files), chunk)
+            ]
+            for job in as_completed(jobs):
+                bar.update(job.result())
             if split == "train":
                 hist += channel_histogram(out)
             out.flush()
             del out
-            bar.update(len(files))
     return [], hist

@@ -39,7 +39,14 @@ from tinyswin.data.cache import (
     publish,
     remove_stale_partials,
 )
-from tinyswin.data.cifar import CifarArchive, cifar_layout, is_tar, read_cifar, write_cifar_splits
+from tinyswin.data.cifar import (
+    CifarArchive,
+    cifar_layout,
+    file_digest,
+    is_tar,
+    read_cifar,
+    write_cifar_splits,
+)
 from tinyswin.data.decode import available_cpus, decode_splits, drop_rows
 from tinyswin.data.imagefolder import DatasetPlan, list_source, plan_imagefolder
 from tinyswin.data.tinyimagenet import is_tinyimagenet, plan_tinyimagenet
@@ -53,21 +60,24 @@ Decoder = Callable[[dict[str, tuple[list[str], np.ndarray]], Path, int, int, boo
 
 @dataclass(frozen=True)
 class PlannedSource:
-    """A source, listed and planned, with the way to decode its files.
+    """A source, listed, with the way to plan it and to decode its files.
 
     Attributes:
         path: the source as given (folder, zip or tarball).
         kind: the meta ``source_kind``, e.g. "tinyimagenet-zip", "imagefolder-folder", "cifar10-tar".
-        plan: its classes and splits.
-        digest: sha256 of its listing (relative names and sizes).
+        digest: sha256 of its listing (relative names and sizes), or of a tarball's bytes.
+        load_plan: its classes and splits (a tarball is read on the first call, once).
         decode: writes the planned splits' images into a partial cache folder.
+        own_val: True where the source is known to have its own val split before it is planned (a CIFAR
+            tarball: an existing cache is then checked without reading it); None: see the plan.
     """
 
     path: Path
     kind: str
-    plan: DatasetPlan
     digest: str
+    load_plan: Callable[[], DatasetPlan]
     decode: Decoder
+    own_val: bool | None = None
 
 
 def _stratified_split(
@@ -154,11 +164,13 @@ def plan_source(source: str | os.PathLike[str]) -> PlannedSource:
     Raises:
         FileNotFoundError, ValueError: see :func:`prepare`.
     """
-    if cifar_layout(source) is not None:
-        archive = read_cifar(source)
+    layout = cifar_layout(source)
+    if layout is not None:
+        path = Path(source).expanduser()
+        archive = functools.lru_cache(maxsize=1)(functools.partial(read_cifar, path))
+        plan = functools.partial(_cifar_plan, archive)
         decode = functools.partial(_decode_cifar, archive)
-        kind = f"{archive.layout.kind}-tar"
-        return PlannedSource(archive.path, kind, archive.plan, archive.digest, decode)
+        return PlannedSource(path, f"{layout.kind}-tar", file_digest(path), plan, decode, own_val=True)
     if is_tar(source):
         raise ValueError(
             f"{source} is a tar archive but not an official CIFAR-10 or CIFAR-100 python-version tarball "
@@ -168,19 +180,23 @@ def plan_source(source: str | os.PathLike[str]) -> PlannedSource:
     tree = list_source(source)
     plan = plan_tinyimagenet(tree) if is_tinyimagenet(tree) else plan_imagefolder(tree)
     kind = f"{plan.kind}-{'zip' if tree.is_zip else 'folder'}"
-    return PlannedSource(tree.path, kind, plan, tree.digest(), functools.partial(decode_splits, tree))
+    return PlannedSource(tree.path, kind, tree.digest(), lambda: plan, functools.partial(decode_splits, tree))
+
+
+def _cifar_plan(archive: Callable[[], CifarArchive]) -> DatasetPlan:
+    return archive().plan
 
 
 def _decode_cifar(
-    archive: CifarArchive,
+    archive: Callable[[], CifarArchive],
     splits: dict[str, tuple[list[str], np.ndarray]],
     folder: Path,
     size: int,
     workers: int,
     progress: bool,
 ) -> tuple[list, np.ndarray]:
-    """Write a CIFAR archive's planned rows (one process: its pixels are in memory already)."""
-    return write_cifar_splits(archive, splits, folder, size, progress)
+    """Write a CIFAR archive's planned rows (threads of this process: its pixels are in memory already)."""
+    return write_cifar_splits(archive(), splits, folder, size, workers, progress)
 
 
 def _write_labels(
@@ -242,7 +258,7 @@ def _decode_into_cache(
         ValueError: bad images (all listed) without ``skip_bad``, or a split with no readable image.
     """
     size = expected["image_size"]
-    plan = source.plan
+    plan = source.load_plan()
     remove_stale_partials(out)
     n_workers = workers or available_cpus()
     tmp = new_partial(out)
@@ -299,8 +315,8 @@ def prepare(
     python-version tarball (see :mod:`tinyswin.data.cifar`). The layout is checked and every error found
     before anything is written; images are decoded by a pool of processes, each with its own zip handle,
     straight into the memory-mapped arrays of a temporary folder renamed into place at the end (a tarball's
-    pixels are read once, in place, and written by this process). A source with no val split gets one
-    carved from train (``VAL_FRACTION`` of each class; a note says so).
+    pixels are read once, in place, and written by threads of this process). A source with no val split gets
+    one carved from train (``VAL_FRACTION`` of each class; a note says so).
 
     Args:
         source: the zip file, folder or CIFAR tarball.
@@ -334,7 +350,9 @@ def prepare(
     source_root = planned.path.resolve()
     if planned.path.is_dir() and (out.resolve() == source_root or source_root in out.resolve().parents):
         raise ValueError(f"--out {out} must not be inside the source folder {planned.path}")
-    splits, val_from_train, text = _plan_splits(planned.plan, holdout, seed, planned.path)
+    splits = text = val_from_train = None
+    if not planned.own_val:  # a source with its own val split is planned after the check of `out`
+        splits, val_from_train, text = _plan_splits(planned.load_plan(), holdout, seed, planned.path)
     holdout_meta = {"fraction": float(holdout), "seed": int(seed) if holdout > 0 else None}
     expected = {
         "format_version": FORMAT_VERSION,
@@ -347,6 +365,8 @@ def prepare(
         if progress:
             say(f"{out}: cache already made from this source with these options")
         return out
+    if splits is None:
+        splits, val_from_train, text = _plan_splits(planned.load_plan(), holdout, seed, planned.path)
     if text is not None and (progress or log is not None):
         say(text)
     meta, bad = _decode_into_cache(
