@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+import tinyswin.rundir as rundir
 import tinyswin.train as train_module
 from tinyswin.checkpoint import load_checkpoint
 from tinyswin.cli import main
 from tinyswin.config import build_model_config, load_config
 from tinyswin.data import write_cache
 from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
+from tinyswin.export import export
 from tinyswin.interop import resize_relative_position_table
 from tinyswin.model import SwinTransformer, preset_config
 from tinyswin.optim import WarmupCosine, build_adamw
@@ -34,6 +36,12 @@ TINY_RUN = [
 ]  # fmt: skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runs here are about weights; drawing their plots would take most of their time."""
+    monkeypatch.setattr(rundir, "plot_run", lambda _path: [])
 
 
 def _cache(root: Path, keep: list[int]) -> Path:
@@ -149,7 +157,7 @@ def test_init_from_timm_by_name_asks_timm_for_the_pretrained_weights(
     _assert_holds_the_source(run.model, state, (8, 4, 2, 1))
 
 
-def test_an_official_checkpoint_and_a_safetensors_folder_give_the_same_weights(
+def test_an_official_checkpoint_and_a_timm_model_folder_give_the_source_weights(
     tmp_path: Path, source
 ) -> None:
     _, state = source
@@ -161,40 +169,39 @@ def test_an_official_checkpoint_and_a_safetensors_folder_give_the_same_weights(
         official[key.replace("head.fc.", "head.")] = value
     torch.save({"model": official, "epoch": 300}, tmp_path / "official.pth")
     st = pytest.importorskip("safetensors.torch")
-    folder = tmp_path / "export"
+    folder = tmp_path / "hub"  # a timm model folder as model hubs hold them
     folder.mkdir()
-    model = SwinTransformer(
-        preset_config("swin_t", embed_dim=16, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4))
-    )
-    st.save_file(model.state_dict(), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_config": {"shift_full_window": True}}))
-    from_official, exported = read_init(str(tmp_path / "official.pth")), read_init(str(folder))
-    assert from_official.windows == exported.windows == (7, 7, 7, 7)
-    assert from_official.geometry == exported.geometry
-    assert (from_official.shift_full_window, exported.shift_full_window) == (False, True)
-    for name, value in from_official.state.items():
-        torch.testing.assert_close(value, state[_as_timm_name(name)], rtol=0, atol=0)
-    for name, value in model.state_dict().items():
-        if not name.startswith("head."):
-            torch.testing.assert_close(exported.state[name], value, rtol=0, atol=0)
-    assert "head.weight" not in exported.state and "head.weight" not in from_official.state
+    st.save_file(state, str(folder / "model.safetensors"))
+    hub = {"architecture": "swin_tiny_patch4_window7_224", "model_args": SOURCE_ARGS}
+    (folder / "config.json").write_text(json.dumps(hub))
+    for weights in (read_init(str(tmp_path / "official.pth")), read_init(str(folder))):
+        assert weights.windows == (7, 7, 7, 7) and not weights.shift_full_window
+        assert weights.geometry["depths"] == (2, 1, 1, 1) and weights.geometry["num_heads"] == (1, 2, 2, 4)
+        assert len(weights.state) == len(state) - 2 and "head.weight" not in weights.state
+        for name, value in weights.state.items():
+            torch.testing.assert_close(value, state[_as_timm_name(name)], rtol=0, atol=0)
 
 
-def test_init_from_a_tinyswin_run_with_other_classes(cache: Path, tmp_path: Path) -> None:
+def test_init_from_a_tinyswin_run_or_its_export_with_other_classes(cache: Path, tmp_path: Path) -> None:
     first = tmp_path / "first"
-    tiny = ["model.embed_dim=16", "model.depths=[1, 1]", "model.num_heads=[1, 2]", "model.window_size=4"]
+    tiny = ["model.embed_dim=16", "model.depths=[1, 1]", "model.num_heads=[1, 2]", "model.window_size=4",
+            "model.shift_full_window=true"]  # fmt: skip
     train(load_config(None, None, [f"data.source={cache}", *tiny, *TINY_RUN, "schedule.epochs=1"]), first,
           progress=False, log=lambda _line: None)  # fmt: skip
     best = load_checkpoint(first / "best.pt")
+    pytest.importorskip("safetensors")
+    export(first, "safetensors", tmp_path / "exported", log=lambda _line: None)
     other = _cache(tmp_path / "three", [1, 3, 9])
-    cfg = load_config(None, None, [f"data.source={other}", f"init={first}", *TINY_RUN])
-    run = setup_run(cfg, DistContext(), say=lambda _line: None)
-    assert run.model.config.depths == (1, 1) and run.model.config.embed_dim == 16
-    for name, value in run.model.state_dict().items():
-        if not name.startswith("head."):
-            torch.testing.assert_close(value, best["model"][name], rtol=0, atol=0)
-    assert run.model.head.weight.shape == (3, 32)
-    torch.testing.assert_close(run.model.head.weight, _fresh_head(run.cfg, 3).weight, rtol=0, atol=0)
+    for init in (first, tmp_path / "exported"):
+        cfg = load_config(None, None, [f"data.source={other}", f"init={init}", *TINY_RUN])
+        run = setup_run(cfg, DistContext(), say=lambda _line: None)
+        config = run.model.config
+        assert (config.depths, config.embed_dim, config.shift_full_window) == ((1, 1), 16, True)
+        for name, value in run.model.state_dict().items():
+            if not name.startswith("head."):
+                torch.testing.assert_close(value, best["model"][name], rtol=0, atol=0)
+        assert run.model.head.weight.shape == (3, 32)
+        torch.testing.assert_close(run.model.head.weight, _fresh_head(run.cfg, 3).weight, rtol=0, atol=0)
 
 
 def test_layer_decay_gives_each_depth_its_learning_rate() -> None:

@@ -8,8 +8,8 @@ A source is one of
                                  or a tinyswin checkpoint
     FILE.safetensors             a state dict in safetensors
     RUN_DIR                      a tinyswin run directory (its best.pt, else last.pt)
-    DIR                          DIR/model.safetensors (+ DIR/config.json): a `tinyswin export` folder, or a
-                                 timm model folder as model hubs hold them
+    DIR                          DIR/model.safetensors + DIR/config.json: a `tinyswin export` folder, or a
+                                 timm model folder as model hubs hold them (`tinyswin export --format timm`)
 
 The model of the run takes the source's geometry (patch size, width, depths, heads, MLP ratio, qkv bias,
 patch norm), read from the weights themselves; the windows are fitted to the stage grids at the training
@@ -22,7 +22,6 @@ the source, and a resumed run never reads the source again.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import pickle
 import re
@@ -37,6 +36,7 @@ from tinyswin.checkpoint import load_checkpoint
 from tinyswin.config import TrainConfig, merge, train_resolution
 from tinyswin.errors import ConfigError, TinyswinError
 from tinyswin.evaluate import resolve_checkpoint
+from tinyswin.exported import WEIGHTS_FILE, is_exported, read_exported
 from tinyswin.extras import require
 from tinyswin.interop import map_state_dict, tinyswin_names
 from tinyswin.model import SwinTransformer
@@ -139,13 +139,18 @@ def _path_state(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     if not path.exists():
         raise FileNotFoundError(f"init weights not found: {path}")
     if path.is_dir():
-        if (path / "model.safetensors").is_file():
-            return _read_safetensors(path / "model.safetensors"), _config_shift(path / "config.json")
+        if is_exported(path):  # `tinyswin export --format safetensors`
+            state, info = read_exported(path)
+            return dict(state), bool(info.model_config.get("shift_full_window", False))
+        if (path / WEIGHTS_FILE).is_file():  # a timm model folder (`tinyswin export --format timm`, hubs)
+            return _read_safetensors(path / WEIGHTS_FILE), False
         if (path / "best.pt").is_file() or (path / "last.pt").is_file():
             return _read_tinyswin(resolve_checkpoint(path))
-        raise TinyswinError(f"init={path}: a folder without model.safetensors, best.pt or last.pt")
+        raise TinyswinError(f"init={path}: a folder without {WEIGHTS_FILE}, best.pt or last.pt")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path), _config_shift(path.with_name("config.json"))
+        if path.name == WEIGHTS_FILE and is_exported(path.parent):
+            return _path_state(path.parent)
+        return _read_safetensors(path), False
     with open(path, "rb") as f:
         head = f.read(2)
     if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip, older versions a pickle
@@ -174,18 +179,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return dict(st.load_file(str(path), device="cpu"))
     except Exception as exc:  # safetensors raises its own kinds on a damaged file
         raise TinyswinError(f"init={path}: not a readable safetensors file ({_line(exc)})") from None
-
-
-def _config_shift(path: Path) -> bool:
-    """The shift rule of an export folder's config.json (its model config), False where it says none."""
-    if not path.is_file():
-        return False
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise TinyswinError(f"init: {path}: not readable JSON ({_line(exc)})") from None
-    model = data.get("model_config", data.get("model")) if isinstance(data, dict) else None
-    return bool(model.get("shift_full_window", False)) if isinstance(model, dict) else False
 
 
 def _unwrap(data: Any, path: Path) -> dict[str, torch.Tensor]:
