@@ -1,6 +1,7 @@
 """The time budget of a run (`time_budget` seconds): plan the schedule to fit, replan, stop in time.
 
-The budget counts wall time from the start of the run (setup included), across resumes. In the first epoch
+The budget counts wall time from the start of the run (setup included, the warm-up before the first epoch
+left out: `warmup_steps`), across resumes. In the first epoch
 a few steps are timed (the first, which warms up kernels and allocations, is not), evaluation is timed on
 warm batches, and the schedule section is compressed (or stretched) to the epochs that fit (`plan_budget`);
 the learning-rate scheduler follows the plan from the next step. After each epoch the remaining epochs are
@@ -236,9 +237,13 @@ class TimeBudget:
         """After step `done` of an epoch: while no plan exists, time steps and make it.
 
         The first step is not timed; then up to 5 steps, or fewer if they take more than 3% of the budget.
+        While timing, each step waits for the device (the loop itself does not, see `engine`), so that the
+        time measured is the device's and not that of queueing its work.
         """
         if self.state.plan is not None:
             return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         if self._first_timed is None:
             self._first_timed = now

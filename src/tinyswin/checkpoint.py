@@ -43,6 +43,8 @@ CONTENTS = (
     "rng_state",
     "loop",
 )
+# what only --resume needs: best.pt goes without them
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng_state")
 # Testing hook: seconds to sleep after the temporary file is written and before it is renamed into place, so
 # that a test can kill a process in the middle of a checkpoint write.
 WRITE_DELAY_ENV = "TINYSWIN_CHECKPOINT_WRITE_DELAY"
@@ -70,6 +72,29 @@ def make_checkpoint(**parts: Any) -> dict[str, Any]:
     if missing or extra:
         raise ValueError(f"checkpoint format {FORMAT}: missing keys {missing}, unknown keys {extra}")
     return {"format": FORMAT, **parts}
+
+
+def inference_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """`ckpt` without what only resuming needs (`RESUME_ONLY`: optimizer, scheduler, scaler and random
+    states): the weights, EMA, configs, class names and the loop's metrics, all that eval and predict read."""
+    return {key: value for key, value in ckpt.items() if key not in RESUME_ONLY}
+
+
+def is_resumable(ckpt: Mapping[str, Any]) -> bool:
+    """Whether `ckpt` holds what `--resume` needs (a last.pt does; a best.pt does not)."""
+    return all(key in ckpt for key in RESUME_ONLY)
+
+
+def clone_tree(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples whose tensors are cloned (on their devices): a snapshot that later
+    training steps do not change."""
+    if torch.is_tensor(obj):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {key: clone_tree(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_tree(value) for value in obj)
+    return obj
 
 
 class _RecordingWriter:

@@ -112,6 +112,19 @@ class EmaConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When last.pt is written (it is always written after the last epoch and when a run is stopped).
+
+    After an epoch, last.pt is due when `every_epochs` epochs or `every_seconds` seconds have passed since the
+    previous write, whichever comes first (null: that rule is off; both null: only at the end and on a stop).
+    The epochs in between are kept in memory, so a stop by a signal writes the last finished one.
+    """
+
+    every_epochs: int | None = 1
+    every_seconds: float | None = None
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs besides the run directory."""
 
@@ -121,6 +134,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     batch_size: int = 128  # global: summed over processes and accumulation steps
     accumulation: int = 1  # micro-batches per optimizer step
     eval_batch_size: int = 256  # per process
@@ -128,6 +142,11 @@ class TrainConfig:
     label_smoothing: float = 0.1  # on unmixed batches
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "default"  # torch.compile's mode; reduce-overhead: CUDA graphs
+    )
+    warmup_steps: int = 0  # steps run and undone before the time budget's clock starts (compile, allocations)
+    sync_every: int = 1  # the loss and non-finite checks are read on the host every N steps
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     max_nonfinite: int = 5  # this many non-finite losses in a row stop the run
@@ -358,7 +377,7 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
     return items
 
 
-_SECTIONS = ("model", "data", "augment", "optim", "schedule", "ema")
+_SECTIONS = ("model", "data", "augment", "optim", "schedule", "ema", "checkpoint")
 _EXTERNAL = ("model", "augment")  # sections whose overrides are the fields of another module's dataclass
 
 

@@ -2,12 +2,20 @@
 
 Every epoch's randomness (data order, augmentation draws, drop path) is derived from (seed, epoch, rank)
 alone, so a run resumed after an epoch computes exactly what the uninterrupted run would.
+
+The host reads the loss every `cfg.sync_every` steps. In between nothing waits for the device: the loss,
+its non-finite check and the count of non-finite losses in a row stay there (`StepTally`), and a step with
+a non-finite loss is skipped on the device (`masked_step`: the fused AdamW's `found_inf` input, or the
+previous values put back by `torch.where`; the EMA update gets weight 0). Once `cfg.max_nonfinite`
+non-finite losses came in a row, every later step is skipped too, and the next read raises TrainingError
+(at most `sync_every - 1` steps late, with the weights of the step where the limit was reached). With
+`sync_every: 1`, or fp16 with a GradScaler, the host reads the loss every step and skips there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyswin.checkpoint import unwrap
+from tinyswin.checkpoint import clone_tree, rng_state, set_rng_state, unwrap
 from tinyswin.config import TrainConfig
 from tinyswin.optim import WarmupCosine
 from tinyswin.runtime import DistContext, all_reduce_, autocast
@@ -55,6 +63,7 @@ class LoopState:
     nonfinite_total: int = 0
     nonfinite_run: int = 0  # in a row, up to now
     train_seconds: float = 0.0
+    compile_seconds: float = 0.0  # compiling and warming up before the clock (all starts of the run)
     history: list[dict[str, Any]] = field(default_factory=list)
     plan: dict[str, Any] | None = None  # the time budget's plan, see tinyswin.budget
 
@@ -67,14 +76,61 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float)
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
-def _skip_nonfinite(state: LoopState, cfg: TrainConfig, epoch: int, lr: float) -> None:
-    """Count a step whose loss was not finite; raise once `cfg.max_nonfinite` came in a row."""
-    state.nonfinite_total += 1
-    state.nonfinite_run += 1
-    if state.nonfinite_run >= cfg.max_nonfinite:
+class StepTally:
+    """An epoch's loss and non-finite counts, kept on the device and read by the host every few steps.
+
+    Args:
+        device: where the step losses are.
+        run: non-finite losses in a row before the epoch (carried over from the previous one).
+        limit: `cfg.max_nonfinite`: this many in a row stop the run.
+    """
+
+    def __init__(self, device: torch.device, run: int, limit: int) -> None:
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.dtype = dtype
+        self.limit = limit
+        self.loss_sum = torch.zeros((), dtype=dtype, device=device)
+        self.finite = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.run = torch.full((), run, dtype=torch.int64, device=device)
+        self.peak = self.run.clone()  # the longest run reached this epoch
+        self.read_steps = -1  # the step of the last read
+        self.last: list[float] = [0.0, 0, 0, run, run]
+
+    def stopped(self) -> torch.Tensor:
+        """Bool () on the device: `limit` non-finite losses came in a row (every later step is skipped)."""
+        return self.peak >= self.limit
+
+    def add(self, loss: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        """Count one step's loss (float ()) and whether it was not finite (bool ()), on the device."""
+        self.loss_sum += torch.where(nonfinite, 0.0, loss.to(self.dtype))
+        self.finite += (~nonfinite).long()
+        self.nonfinite += nonfinite.long()
+        self.run.add_(1).mul_(nonfinite.long())
+        torch.maximum(self.peak, self.run, out=self.peak)
+
+    def read(self, step: int) -> tuple[float, int, int, int, int]:
+        """One host read (a device sync) after step `step`: (loss sum, finite steps, non-finite steps, run
+        now, longest run)."""
+        values = torch.stack([self.loss_sum.double(), self.finite, self.nonfinite, self.run, self.peak])
+        loss_sum, finite, nonfinite, run, peak = values.tolist()
+        self.read_steps = step
+        self.last = [loss_sum, int(finite), int(nonfinite), int(run), int(peak)]
+        return loss_sum, int(finite), int(nonfinite), int(run), int(peak)
+
+
+def _account(state: LoopState, tally: StepTally, step: int, cfg: TrainConfig, epoch: int, lr: float) -> None:
+    """Read the tally after optimizer step number `step` (1-based, of the run) into the loop state; raise
+    once `cfg.max_nonfinite` non-finite losses came in a row."""
+    nonfinite_before = tally.last[2]
+    _, _, nonfinite, run, peak = tally.read(step)
+    state.nonfinite_total += nonfinite - nonfinite_before
+    state.nonfinite_run = run
+    if peak >= cfg.max_nonfinite:
+        state.nonfinite_run = max(run, cfg.max_nonfinite)
         raise TrainingError(
-            f"the loss was not finite for {state.nonfinite_run} optimizer steps in a row (epoch "
-            f"{epoch + 1}, step {state.step + 1}, lr {lr:.3g}): lower optim.lr, set optim.grad_clip, "
+            f"the loss was not finite for {cfg.max_nonfinite} optimizer steps in a row (epoch "
+            f"{epoch + 1}, by step {step}, lr {lr:.3g}): lower optim.lr, set optim.grad_clip, "
             "or use precision=fp32; the last good checkpoint is last.pt"
         )
 
@@ -98,11 +154,13 @@ def train_one_epoch(
     progress: Any = None,
     step_hook: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    max_steps: int | None = None,
 ) -> EpochStats:
-    """One pass over the training split.
+    """One pass over the training split (or its first `max_steps` optimizer steps).
 
     Randomness comes only from (cfg.seed, epoch, rank): the loader's epoch permutation, a CPU generator for
     the augmentation and the global torch seed (drop path). `state.step` and the non-finite counters advance.
+    The loss is read on the host every `cfg.sync_every` steps and after the last (see the module's notes).
 
     Args:
         model: the model to train (possibly DDP- and/or compile-wrapped).
@@ -114,14 +172,16 @@ def train_one_epoch(
         epoch: 0-based epoch index.
         mix: whether Mixup/CutMix may be applied this epoch.
         device, amp_dtype: where and in which autocast dtype to compute.
-        ema: the weight average to update after each step, if any.
+        ema: the weight average to update after each step, if any (decay `cfg.ema.decay`).
         dist: process context (None: one process).
-        progress: a tqdm bar to update, or None.
+        progress: a tqdm bar, advanced at every read of the loss, or None.
         step_hook: called with the number of steps done in this epoch after each optimizer step.
         should_stop: asked after each optimizer step; True ends the epoch there (a time budget ran out).
+        max_steps: stop after this many optimizer steps (a warm-up).
 
     Raises:
-        TrainingError: `cfg.max_nonfinite` non-finite losses in a row.
+        TrainingError: `cfg.max_nonfinite` non-finite losses in a row (read at most `sync_every - 1` steps
+            after the step that reached it).
     """
     dist = dist or DistContext()
     model.train()
@@ -129,77 +189,213 @@ def train_one_epoch(
     generator = torch.Generator()
     generator.manual_seed(derive_seed(cfg.seed, AUGMENT_STREAM, epoch, dist.rank))
     torch.manual_seed(derive_seed(cfg.seed, TORCH_STREAM, epoch, dist.rank))
-    accum = cfg.accumulation
     batches = iter(loader)
     first_step = state.step
-    loss_total, finite_steps, nonfinite, images = 0.0, 0, 0, 0
+    tally = StepTally(device, state.nonfinite_run, cfg.max_nonfinite)
+    on_host = cfg.sync_every == 1 or scaler.is_enabled()  # fp16 loss scaling: GradScaler skips on the host
+    steps = len(loader) // cfg.accumulation if max_steps is None else max_steps
+    mark_step = cfg.compile and cfg.compile_mode == "reduce-overhead"
+    images = 0
     start = time.perf_counter()
     lr = scheduler.get_last_lr()
-    for _ in range(len(loader) // accum):
+    for done in range(1, steps + 1):
         lr = scheduler.get_last_lr()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=device)
-        for micro in range(accum):
-            x_u8, labels = next(batches)
-            x, targets = augment(x_u8, labels, generator=generator, mix=mix)
-            sync = micro == accum - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, amp_dtype):
-                logits = model(x)
-            loss = loss_fn(logits, targets, cfg.label_smoothing)
-            scaler.scale(loss / accum).backward()
-            step_loss += loss.detach() / accum
-            images += labels.shape[0] * dist.world_size
-        value = float(all_reduce_(step_loss.reshape(1).double(), dist)) / dist.world_size
-        if math.isfinite(value):
-            state.nonfinite_run = 0
-            _optimizer_step(model, optimizer, scaler, cfg.optim.grad_clip, ema)
-            loss_total += value
-            finite_steps += 1
+        step_loss, n = _forward_backward(
+            model, batches, augment, generator, scaler, cfg, mix, device, amp_dtype, mark_step
+        )
+        images += n * dist.world_size
+        step_loss = all_reduce_(step_loss.double(), dist) / dist.world_size
+        nonfinite = ~torch.isfinite(step_loss)
+        skip = nonfinite | tally.stopped()
+        if on_host:
+            take = not bool(skip)
+            if take:
+                _optimizer_step(model, optimizer, scaler, cfg.optim.grad_clip)
+            if ema is not None and take:
+                ema_update(ema, unwrap(model), cfg.ema.decay, skip)
         else:
-            nonfinite += 1
-            optimizer.zero_grad(set_to_none=True)
-            _skip_nonfinite(state, cfg, epoch, lr)
+            _clip(model, optimizer, scaler, cfg.optim.grad_clip)
+            masked_step(optimizer, skip)
+            if ema is not None:
+                ema_update(ema, unwrap(model), cfg.ema.decay, skip)
+        tally.add(step_loss, nonfinite)
+        if done % cfg.sync_every == 0 or done == steps:
+            _account(state, tally, first_step + done, cfg, epoch, lr)
+            progress_update(progress, tally, lr, done, images, start)
         scheduler.step()
         state.step += 1
         if step_hook is not None:
-            step_hook(state.step - first_step)
-        progress_update(progress, value, lr, images, start)
+            step_hook(done)
         if should_stop is not None and should_stop():
+            if tally.read_steps != first_step + done:
+                _account(state, tally, first_step + done, cfg, epoch, lr)
+                progress_update(progress, tally, lr, done, images, start)
             break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    loss_sum, finite, nonfinite_steps, _, _ = tally.last
+    steps_done = state.step - first_step
     return EpochStats(
-        loss=loss_total / finite_steps if finite_steps else float("nan"),
-        steps=state.step - first_step,
+        loss=loss_sum / finite if finite else float("nan"),
+        steps=steps_done,
         images=images,
         seconds=time.perf_counter() - start,
-        nonfinite=nonfinite,
+        nonfinite=nonfinite_steps,
         lr=lr,
     )
 
 
-def _optimizer_step(
+def _forward_backward(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    batches: Any,
+    augment: Any,
+    generator: torch.Generator,
     scaler: torch.amp.GradScaler,
-    grad_clip: float | None,
-    ema: torch.optim.swa_utils.AveragedModel | None,
+    cfg: TrainConfig,
+    mix: bool,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    mark_step: bool,
+) -> tuple[torch.Tensor, int]:
+    """The `cfg.accumulation` micro-batches of one optimizer step, forward and backward; returns their mean
+    loss (float (), on the device) and the number of images (this process)."""
+    accum = cfg.accumulation
+    step_loss = torch.zeros((), device=device)
+    images = 0
+    for micro in range(accum):
+        x_u8, labels = next(batches)
+        x, targets = augment(x_u8, labels, generator=generator, mix=mix)
+        sync = micro == accum - 1 or not hasattr(model, "no_sync")
+        if mark_step:  # CUDA graphs: a new iteration begins (outputs of the previous replay may be reused)
+            torch.compiler.cudagraph_mark_step_begin()
+        with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, amp_dtype):
+            logits = model(x)
+        loss = loss_fn(logits, targets, cfg.label_smoothing)
+        scaler.scale(loss / accum).backward()
+        step_loss += loss.detach() / accum
+        images += labels.shape[0]
+    return step_loss, images
+
+
+def _clip(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None
 ) -> None:
-    """Unscale and clip the global grad norm (if `grad_clip`), step, update the scaler and the EMA."""
+    """Unscale and clip the global grad norm to `grad_clip` (no-op for None); no host sync."""
     if grad_clip is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), grad_clip)
+
+
+def _optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None
+) -> None:
+    """Unscale and clip the global grad norm (if `grad_clip`), step, update the scaler."""
+    _clip(model, optimizer, scaler, grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    if ema is not None:
-        ema.update_parameters(unwrap(model))
 
 
-def progress_update(progress: Any, loss: float, lr: float, images: int, start: float) -> None:
-    """Advance a tqdm bar by one step with the loss, learning rate and images/s (no-op for None)."""
+def _fused(optimizer: torch.optim.Optimizer) -> bool:
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def masked_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """`optimizer.step()`, or nothing at all where `skip` (bool (), on the device) is true, decided on the
+    device: the weights and every optimizer state tensor stay bit for bit as they were.
+
+    A fused Adam(W) takes `skip` as its `found_inf` input (as GradScaler passes it): its kernel leaves the
+    weights and moments alone and the step count is taken back. Other optimizers step, and then their
+    previous values are put back with `torch.where` (state that did not exist yet comes back as zeros, the
+    initial state of AdamW). With a non-fused optimizer on CUDA the step counts live on the CPU, so putting
+    them back waits for the device; use fused AdamW there.
+    """
+    if _fused(optimizer):
+        optimizer.grad_scale = None  # type: ignore[attr-defined]
+        optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    before = [p.detach().clone() for p in params]
+    state_before = [
+        {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)} for p in params
+    ]
+    optimizer.step()
+    with torch.no_grad():
+        for p, old, old_state in zip(params, before, state_before, strict=True):
+            p.copy_(torch.where(skip, old, p))
+            for key, value in optimizer.state[p].items():
+                if torch.is_tensor(value):
+                    previous = old_state.get(key, torch.zeros_like(value))
+                    value.copy_(torch.where(skip.to(value.device), previous, value))
+
+
+def ema_update(
+    ema: torch.optim.swa_utils.AveragedModel, model: nn.Module, decay: float, skip: torch.Tensor
+) -> None:
+    """The EMA of the weights after an optimizer step, on the device: `ema = ema * (1 - w) + p * w` with
+    w = 1 for the first update (a copy), `1 - decay` after it, and 0 where `skip` (bool ()): unchanged.
+
+    `ema.n_averaged` (on the device) counts the updates made.
+    """
+    averaged = list(ema.module.parameters())
+    current = [p.detach() for p in model.parameters()]
+    first = ema.n_averaged == 0
+    weight = torch.where(skip, 0.0, torch.where(first, 1.0, 1.0 - decay)).to(averaged[0].dtype)
+    weight = weight.to(averaged[0].device)
+    with torch.no_grad():
+        scaled = torch._foreach_mul(current, weight)
+        torch._foreach_mul_(averaged, 1.0 - weight)
+        torch._foreach_add_(averaged, scaled)
+        ema.n_averaged += (~skip).long().to(ema.n_averaged.device)
+
+
+def progress_update(progress: Any, tally: StepTally, lr: float, done: int, images: int, start: float) -> None:
+    """Advance a tqdm bar to `done` steps with the epoch's mean loss at the last read, the learning rate and
+    images/s (no-op for None)."""
     if progress is None:
         return
-    progress.update(1)
-    progress.set_postfix(
-        loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images / (time.perf_counter() - start):.0f}"
-    )
+    progress.update(done - progress.n)
+    loss = tally.last[0] / tally.last[1] if tally.last[1] else float("nan")
+    seconds = time.perf_counter() - start
+    progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images / seconds:.0f}")
+
+
+def snapshot_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: WarmupCosine,
+    scaler: torch.amp.GradScaler,
+    ema: torch.optim.swa_utils.AveragedModel | None,
+    state: LoopState,
+) -> Callable[[], None]:
+    """Copy everything training changes (weights, optimizer, scheduler, scaler, EMA, loop state, global
+    random states); returns the function that puts it all back (a warm-up's steps are then undone).
+
+    Tensors are cloned on their devices; the restore copies into the live weights, so compiled graphs and
+    CUDA graphs keep pointing at the same parameters.
+    """
+    saved_model = clone_tree(unwrap(model).state_dict())
+    saved_optimizer = clone_tree(optimizer.state_dict())
+    saved_scheduler = copy.deepcopy({k: v for k, v in vars(scheduler).items() if k != "optimizer"})
+    saved_scaler = scaler.state_dict() if scaler.is_enabled() else None
+    saved_ema = clone_tree(ema.state_dict()) if ema is not None else None
+    saved_state = copy.deepcopy(vars(state))
+    saved_rng = clone_tree(rng_state())
+
+    def restore() -> None:
+        unwrap(model).load_state_dict(saved_model)
+        optimizer.load_state_dict(saved_optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        vars(scheduler).update(copy.deepcopy(saved_scheduler))
+        if saved_scaler is not None:
+            scaler.load_state_dict(saved_scaler)
+        if ema is not None and saved_ema is not None:
+            ema.load_state_dict(saved_ema)
+        vars(state).update(copy.deepcopy(saved_state))
+        set_rng_state(saved_rng)
+
+    return restore

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 VAL_SPLITS = ("val", "holdout")
 SCHEDULE_STEPS = ("iteration", "epoch")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TTA_MODES = ("none", "flip")
 
 
@@ -129,6 +130,11 @@ RANGES: Mapping[str, Range] = types.MappingProxyType(
         "label_smoothing": interval(0, 1, open_high=True),
         "precision": choice(PRECISIONS),
         "compile": boolean(),
+        "compile_mode": choice(COMPILE_MODES),
+        "warmup_steps": interval(0, integer=True),
+        "sync_every": interval(1, integer=True),
+        "checkpoint.every_epochs": interval(1, integer=True, null="null (by seconds only)"),
+        "checkpoint.every_seconds": interval(0, open_low=True, null="null (by epochs only)"),
         "seed": Range(interval(0, 2**64, integer=True, open_high=True).check, "an integer in [0, 2**64)"),
         "device": Range(
             lambda value: isinstance(value, str) and _DEVICE.fullmatch(value) is not None,

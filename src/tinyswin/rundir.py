@@ -2,8 +2,10 @@
 
     RUN_DIR/config.yaml     every key of the run's config (the model and augmentation spelled out)
     RUN_DIR/metrics.jsonl   one JSON record per epoch
-    RUN_DIR/last.pt         the checkpoint after the last epoch (what --resume continues from)
-    RUN_DIR/best.pt         the checkpoint of the best epoch on the selection split
+    RUN_DIR/last.pt         the checkpoint of the last epoch written (what --resume continues from): every
+                            `checkpoint.every_epochs` epochs / `checkpoint.every_seconds` seconds, after the
+                            last epoch and when a run stops
+    RUN_DIR/best.pt         the best epoch on the selection split, without optimizer state (eval, predict)
     RUN_DIR/plots/          loss, accuracy and learning rate, redrawn as the run goes
     RUN_DIR/tensorboard/    event files, when TensorBoard is installed and `tensorboard` is on
     RUN_DIR/summary.json    the final numbers
@@ -36,6 +38,8 @@ from filelock import FileLock, Timeout
 from tinyswin.checkpoint import (
     atomic_save,
     atomic_write,
+    clone_tree,
+    inference_checkpoint,
     is_temp_name,
     load_checkpoint,
     remove_stale_temps,
@@ -188,6 +192,7 @@ class RunDir:
         self._created: list[Path] = []  # made by `open` (the folder, .lock): removed if `open` fails
         self._metric_lines: list[str] = []
         self._last_epoch: int | None = None  # the epoch of the last.pt on disk, if any
+        self._pending: dict[str, dict[str, Any]] = {}  # best.pt / last.pt of epochs not written yet
         self._plotted_at = 0.0  # when the plots were last drawn ...
         self._plot_seconds = 0.0  # ... and how long that took
 
@@ -382,26 +387,33 @@ class RunDir:
                 write_text_atomic(path, to_yaml(cfg))
 
     def end_epoch(
-        self, record: dict[str, Any], improved: bool, checkpoint: Callable[[], dict[str, Any]]
+        self,
+        record: dict[str, Any],
+        improved: bool,
+        checkpoint: Callable[[], dict[str, Any]],
+        due: bool = True,
     ) -> None:
         """Write the epoch's files, in an order that keeps `--resume` right if any write fails: best.pt (if
-        `improved`), last.pt, metrics.jsonl (rewritten whole, atomically), then the plots (when redrawing
-        costs at most ~10% of the time) and TensorBoard.
+        `improved`, or a best epoch kept since the last write), last.pt (if `due`), metrics.jsonl (rewritten
+        whole, atomically), then the plots (when redrawing costs at most ~10% of the time) and TensorBoard.
 
         best.pt goes before last.pt: if last.pt then fails, the resumed run redoes this epoch and writes
         best.pt again; the other way round, a failed best.pt would stay older than the best epoch last.pt
-        records. metrics.jsonl never holds an epoch that last.pt does not.
+        records. best.pt leaves out the optimizer state (`checkpoint.inference_checkpoint`). An epoch that is
+        not `due` writes only metrics.jsonl and keeps its checkpoints in memory (tensors cloned) until the
+        next write or `flush`; a resumed run rewrites metrics.jsonl from last.pt and redoes the later epochs.
 
         Raises:
             DiskFullError: the disk ran out; the files written before are whole and `--resume` continues.
         """
         if not self.main:
             return
-        ckpt = checkpoint()
+        ckpt = checkpoint() if due else clone_tree(checkpoint())
         if improved:
-            self._save(ckpt, self.best)
-        self._save(ckpt, self.last)
-        self._last_epoch = ckpt.get("epoch", record.get("epoch"))
+            self._pending["best"] = inference_checkpoint(ckpt)
+        self._pending["last"] = ckpt
+        if due:
+            self.flush()
         self._write_metrics([*self._metric_lines, json.dumps(record) + "\n"])
         if time.perf_counter() - self._plotted_at >= 10 * self._plot_seconds:
             start = time.perf_counter()
@@ -414,6 +426,18 @@ class RunDir:
                 if isinstance(value, (int, float)) and key != "epoch":
                     self.writer.add_scalar(key, value, record["epoch"])
             self.writer.flush()
+
+    def flush(self) -> None:
+        """Write the checkpoints kept in memory since the last write: best.pt, then last.pt (a run that stops
+        early calls it so that no finished epoch is lost)."""
+        if not self.main:
+            return
+        pending, self._pending = self._pending, {}  # a failed write is not tried again by a later one
+        if "best" in pending:
+            self._save(pending["best"], self.best)
+        if "last" in pending:
+            self._save(pending["last"], self.last)
+            self._last_epoch = pending["last"].get("epoch")
 
     def finish(self, cfg: TrainConfig, summary: dict[str, Any], plot: bool) -> None:
         """Close TensorBoard, draw the plots (if any epoch ran), write config.yaml and summary.json, say
@@ -441,6 +465,15 @@ class RunDir:
         self.say(f"plots:         {self.path / 'plots'}")
         self.say(f"summary:       {self.path / 'summary.json'}")
         self.close()
+
+
+def checkpoint_due(
+    every_epochs: int | None, every_seconds: float | None, epochs_since: int, seconds_since: float
+) -> bool:
+    """Whether last.pt is due after an epoch: `every_epochs` epochs or `every_seconds` seconds have passed
+    since the previous write (whichever comes first; None turns a rule off)."""
+    by_epochs = every_epochs is not None and epochs_since >= every_epochs
+    return by_epochs or (every_seconds is not None and seconds_since >= every_seconds)
 
 
 def format_epoch(record: dict[str, Any], splits: list[str], epochs: int) -> str:
@@ -481,6 +514,7 @@ def summarize(
         "best_split": splits[0],
         "images_per_s": sum(speeds) / len(speeds) if speeds else 0.0,
         "train_seconds": state.train_seconds,
+        "compile_seconds": state.compile_seconds,
         "nonfinite_steps": state.nonfinite_total,
         "resumed_at_epoch": resumed_at or None,
         "time_budget": state.plan,

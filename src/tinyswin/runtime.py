@@ -94,9 +94,17 @@ def barrier(dist: DistContext) -> None:
 
 
 def wrap_model(
-    model: nn.Module, compile_model: bool, dist: DistContext, device: torch.device
+    model: nn.Module, compile_model: bool, dist: DistContext, device: torch.device, mode: str = "default"
 ) -> tuple[nn.Module, nn.Module]:
-    """The model to train (DDP with several processes, compiled if asked) and the one to evaluate."""
+    """The model to train (DDP with several processes, compiled if asked) and the one to evaluate.
+
+    Args:
+        model: the plain module.
+        compile_model: `torch.compile` it (static shapes).
+        dist, device: DDP wraps the model when there are several processes.
+        mode: torch.compile's mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune',
+            'max-autotune-no-cudagraphs'.
+    """
     train_model: nn.Module = model
     if dist.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -105,8 +113,10 @@ def wrap_model(
         return train_model, model
     # static shapes: one graph per batch shape (train, eval, a last partial eval batch); dynamic-shape
     # graphs of the windowed attention failed to run under inductor (torch 2.11, H100)
-    train_model = torch.compile(train_model, dynamic=False)
-    return train_model, train_model if dist.world_size == 1 else torch.compile(model, dynamic=False)
+    train_model = torch.compile(train_model, dynamic=False, mode=mode)
+    if dist.world_size == 1:
+        return train_model, train_model
+    return train_model, torch.compile(model, dynamic=False, mode=mode)
 
 
 class StopSignals:

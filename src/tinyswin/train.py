@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from tinyswin.budget import TimeBudget, time_evaluation
 from tinyswin.checkpoint import (
     check_compatible,
+    is_resumable,
     load_checkpoint,
     make_checkpoint,
     rng_state,
@@ -49,13 +50,13 @@ from tinyswin.config import (
 )
 from tinyswin.data import Augment, BatchLoader, Cache, build_augment, load_cache
 from tinyswin.data.sources import eval_splits, resolve_data
-from tinyswin.engine import EpochStats, LoopState, TrainingError, train_one_epoch
+from tinyswin.engine import EpochStats, LoopState, TrainingError, snapshot_training, train_one_epoch
 from tinyswin.errors import Interrupted, RunDirError
 from tinyswin.evaluate import EvalResult, evaluate
 from tinyswin.model import SwinTransformer
 from tinyswin.optim import WarmupCosine, build_adamw
 from tinyswin.pretrained import describe_init, init_config, load_init, read_init
-from tinyswin.rundir import RunDir, format_epoch, summarize
+from tinyswin.rundir import RunDir, checkpoint_due, format_epoch, summarize
 from tinyswin.runtime import (
     DistContext,
     StopSignals,
@@ -107,6 +108,9 @@ class Run:
     scaler: torch.amp.GradScaler
     state: LoopState
     clock_start: float  # perf_counter() at the start of the run, resumes included
+    warmup_seconds: float | None = None  # this start's warm-up, until the next epoch's record holds it
+    written_epoch: int = 0  # the epoch of the last last.pt written ...
+    written_at: float = 0.0  # ... and when (perf_counter())
 
     def config(self) -> TrainConfig:
         """The config as it stands (the planned schedule)."""
@@ -143,6 +147,40 @@ class Run:
         seconds = time_evaluation(run_batch, batches, 2 if self.ema is not None else 1, self.dist.world_size)
         self.train_model.train()
         return seconds
+
+    def warm_up(self) -> float:
+        """Compile and warm up before the clock starts; returns the seconds it took.
+
+        `cfg.warmup_steps` optimizer steps on the next epoch's real batches, then one evaluation batch of
+        every shape an epoch's evaluation meets (a full batch and the last, smaller one of each split). Every
+        state a step changes is put back afterwards (`engine.snapshot_training`), so the run computes what
+        it would have without the warm-up.
+        """
+        start = time.perf_counter()
+        restore = snapshot_training(
+            self.model, self.optimizer, self.scheduler, self.scaler, self.ema, self.state
+        )
+        schedule, epoch = self.schedule, self.state.epoch
+        mix = schedule.mix_off_first_epochs <= epoch < schedule.epochs - schedule.mix_off_last_epochs
+        try:
+            train_one_epoch(
+                self.train_model, self.loader, self.augment, self.optimizer, self.scheduler, self.scaler,
+                self.state, cfg=self.cfg, epoch=epoch, mix=mix, device=self.device, amp_dtype=self.amp_dtype,
+                ema=self.ema, dist=self.dist, max_steps=min(self.cfg.warmup_steps, self.iters_per_epoch),
+            )  # fmt: skip
+            for loader in self.eval_loaders.values():
+                images, labels = next(iter(loader))
+                rest = loader.num_samples % loader.batch_size
+                for n in {labels.shape[0], rest} - {0}:
+                    evaluate(self.eval_model, iter([(images[:n], labels[:n])]), self.normalize,
+                             num_classes=self.cache.num_classes, amp_dtype=self.amp_dtype,
+                             tta=self.cfg.tta)  # fmt: skip
+        finally:
+            restore()
+            self.train_model.train()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint of the run as it stands (weights of the unwrapped, uncompiled module)."""
@@ -192,6 +230,8 @@ def _loaders(
 
 def _restore(run: Run, ckpt: dict[str, Any], source: Path) -> None:
     """Weights, optimizer, scheduler, scaler, EMA, loop state and random state from a checkpoint."""
+    if not is_resumable(ckpt):
+        raise ValueError(f"{source}: holds no optimizer state (a best.pt?): resume from the run's last.pt")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
@@ -269,14 +309,14 @@ def setup_run(
     ema = None
     if cfg.ema.enabled:
         average = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema.decay)
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average)
+        ema = torch.optim.swa_utils.AveragedModel(model, device, multi_avg_fn=average)  # counter on device
     sched = cfg.schedule
     scheduler = WarmupCosine(
         optimizer, cfg.peak_lr(), iters_per_epoch=iters_per_epoch, epochs=sched.epochs,
         warmup_epochs=sched.warmup_epochs, warmup_start=sched.warmup_start, min_lr=sched.min_lr,
         per_iteration=sched.step == "iteration",
     )  # fmt: skip
-    train_model, eval_model = wrap_model(model, cfg.compile, dist, device)
+    train_model, eval_model = wrap_model(model, cfg.compile, dist, device, cfg.compile_mode)
     run = Run(
         cfg=cfg, schedule=cfg.schedule, dist=dist, device=device, amp_dtype=amp_dtype, cache=cache,
         splits=splits, loader=loader, eval_loaders=eval_loaders, iters_per_epoch=iters_per_epoch,
@@ -307,6 +347,8 @@ def _epoch_record(run: Run, epoch: int, mix: bool, stats: EpochStats) -> dict[st
     }
     if stats.steps < run.iters_per_epoch:
         record["partial"] = stats.steps  # the time budget ended the epoch after this many steps
+    if run.warmup_seconds is not None:  # the first epoch after a start with a warm-up (outside the clock)
+        record["compile_seconds"], run.warmup_seconds = run.warmup_seconds, None
     schedule = run.scheduler.describe()
     recorded = [r["lr_schedule"] for r in run.state.history if "lr_schedule" in r]
     if not recorded or recorded[-1] != schedule:  # the first epoch, and whenever the schedule changed
@@ -391,7 +433,14 @@ def run_epoch(
     if budget is not None:
         run.schedule = budget.after_epoch(run.schedule, stats.steps, seconds) or run.schedule
         rundir.write_config(expand(run.config(), run.cache.num_classes, run.cache.image_size))
-    rundir.end_epoch(record, improved, run.checkpoint)
+    now = time.perf_counter()
+    every = run.cfg.checkpoint
+    due = state.epoch >= run.schedule.epochs or checkpoint_due(
+        every.every_epochs, every.every_seconds, state.epoch - run.written_epoch, now - run.written_at
+    )
+    rundir.end_epoch(record, improved, run.checkpoint, due)
+    if due:
+        run.written_epoch, run.written_at = state.epoch, now
     say(format_epoch(record, run.splits, run.schedule.epochs))
     barrier(run.dist)
     return results
@@ -447,6 +496,16 @@ def _train_epochs(
 ) -> dict[str, Any]:
     """The epochs of a run that is set up, then its summary; SIGINT/SIGTERM stop it between two steps."""
     cfg, dist = run.cfg, run.dist
+    if cfg.warmup_steps and run.state.epoch < run.schedule.epochs:
+        seconds = run.warm_up()
+        run.warmup_seconds = seconds
+        run.state.compile_seconds += seconds
+        run.clock_start += seconds  # the clock leaves the warm-up out
+        wall_start += seconds
+        say(
+            f"warm-up: {cfg.warmup_steps} steps and every evaluation shape in {seconds:.1f} s (off the clock)"
+        )
+    run.written_epoch, run.written_at = run.state.epoch, time.perf_counter()
     budget = None
     if cfg.time_budget is not None:
         budget = TimeBudget(
@@ -472,9 +531,13 @@ def _train_epochs(
     _announce(run, rundir, say)
     results: dict[str, EvalResult] = {}
     with StopSignals(enabled=dist.world_size == 1) as signals:
-        while run.state.epoch < run.schedule.epochs:
-            _check_interrupt(signals, run.state)
-            results = run_epoch(run, rundir, budget, signals, progress, say)
+        try:
+            while run.state.epoch < run.schedule.epochs:
+                _check_interrupt(signals, run.state)
+                results = run_epoch(run, rundir, budget, signals, progress, say)
+        except (Interrupted, TrainingError):
+            rundir.flush()  # the finished epochs not written yet (checkpoint.every_*) go to last.pt
+            raise
     state, cache = run.state, run.cache
     summary = summarize(
         run.schedule.epochs, state, run.splits, results, cache.class_names, rundir.path, resumed_at
