@@ -275,6 +275,8 @@ def export_onnx(
     Raises:
         ExportError: the ONNX logits differ by more than `TOLERANCE`.
     """
+    for module in ("onnx", "onnxscript", "onnxruntime"):  # before the slow trace
+        require(module, "export", "ONNX export")
     _check_destination(out, folder=False)
     if quantize:
         _check_destination(int8_path(out), folder=False)
