@@ -40,6 +40,7 @@ CASES: dict[str, tuple[Any, Any]] = {
     "optim.eps": (0.0, 1e-30),
     "optim.weight_decay": (-0.1, 0.0),
     "optim.decay_rel_pos_bias": (None, True),
+    "optim.layer_decay": (0.0, 1.0),
     "optim.grad_clip": (0.0, 1e-9),
     "optim.fused": ("yes", None),
     "schedule.epochs": (0, 1),
@@ -69,6 +70,7 @@ CASES: dict[str, tuple[Any, Any]] = {
     "threads": (-1, 0),
     "time_budget": (0.0, 1e-9),
     "tensorboard": (None, False),
+    "init": ("timm:", "timm:swin_tiny_patch4_window7_224"),
 }
 
 
