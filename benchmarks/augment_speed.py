@@ -5,7 +5,12 @@ Prints, all measured in this run on one CPU thread (``torch.set_num_threads(1)``
   and with the eager PyTorch ops (``native=False``),
 - the notebook's torchvision pipeline image by image on PIL images, with JPEG decode and without
   (images decoded beforehand, since the uint8 cache spares us the decoding),
-- the ratios; and, when CUDA is available, tinyswin's images/s on the GPU (default batch 1024).
+- the speedrun's augmentation (preset ``light``: RandomResizedCrop 0.35-1, flip, RandAugment(2, 7),
+  Mixup/CutMix at 0.15 each) on the exact path (native kernels, parameters drawn on the CPU) and on the
+  sync-free device path (``device_params``: parameters drawn on the batch's device, every op on the whole
+  batch, as on a GPU),
+- the ratios; and, when CUDA is available, tinyswin's images/s on the GPU (default batch 1024): ``seed``
+  on the exact path and the speedrun's augmentation on the device path.
 
 Each rate is given twice: by wall clock and by the thread's CPU time. The pipelines take turns for
 ``--rounds`` rounds and each reports its best round, so that a burst of other work on a shared machine
@@ -32,7 +37,7 @@ from PIL import Image
 
 from notebook import notebook_normalization, notebook_transform
 from tinyswin.data import augment_native
-from tinyswin.data.augment import augment_preset, build_augment
+from tinyswin.data.augment import AugmentConfig, augment_preset, build_augment
 
 MEAN, STD = notebook_normalization()
 DEFAULT_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-sub.zip"
@@ -81,11 +86,23 @@ def per_image(jpegs: list[bytes], decode: bool) -> Callable[[], int]:
     return lambda: sum(1 for im in images if tf(im) is not None)
 
 
+def speedrun_config(device_params: bool) -> AugmentConfig:
+    """The speedrun preset's augmentation ('light'), on the device path or the exact one."""
+    return augment_preset("light", device_params=device_params)
+
+
 def batched(
-    images: torch.Tensor, batch_size: int, repeats: int, device: str, native: bool = True
+    images: torch.Tensor,
+    batch_size: int,
+    repeats: int,
+    device: str,
+    native: bool = True,
+    config: AugmentConfig | None = None,
 ) -> Callable[[], int]:
-    """tinyswin's 'seed' Augment (mixing included) on batches of ``batch_size``, warmed up, to be timed."""
-    aug = build_augment(augment_preset("seed"), MEAN, STD, num_classes=200, native=native)
+    """tinyswin's Augment (default: 'seed', mixing included) on batches of ``batch_size``, warmed up, to be
+    timed."""
+    config = config if config is not None else augment_preset("seed")
+    aug = build_augment(config, MEAN, STD, num_classes=200, native=native)
     gen = torch.Generator().manual_seed(0)
     reps = -(-batch_size // images.shape[0])
     data = images.repeat(reps, 1, 1, 1)[:batch_size].to(device)  # (batch_size, H, W, 3) uint8
@@ -140,9 +157,12 @@ def main() -> None:
         "  the same with the eager ops (native=False)",
     )
     plain, decode = "torchvision per image, PIL pre-decoded", "torchvision per image, with JPEG decode"
+    light, light_dev = "speedrun aug ('light'), exact path", "  the same on the device path (device_params)"
     fns = {
         ours: batched(images, args.batch, args.repeats, "cpu"),
         eager: batched(images, args.batch, 2, "cpu", native=False),
+        light: batched(images, args.batch, args.repeats, "cpu", config=speedrun_config(False)),
+        light_dev: batched(images, args.batch, args.repeats, "cpu", config=speedrun_config(True)),
         plain: per_image(jpegs, decode=False),
         decode: per_image(jpegs, decode=True),
     }
@@ -160,6 +180,9 @@ def main() -> None:
         name = f"tinyswin Augment('seed'), batch {args.gpu_batch}, {torch.cuda.get_device_name()}"
         print(f"{name}: {wall:.0f} images/s (wall)")
         print(f"{'ratio GPU vs per image without decode (wall)':45s} {wall / plain[0]:8.1f}x")
+        run = batched(images, args.gpu_batch, max(args.repeats, 20), "cuda", config=speedrun_config(True))
+        wall, _ = best_of({"gpu": run}, args.rounds, torch.cuda.synchronize)["gpu"]
+        print(f"speedrun aug ('light', device path), batch {args.gpu_batch}: {wall:.0f} images/s (wall)")
     else:
         print("CUDA: not available here (no GPU number)")
 

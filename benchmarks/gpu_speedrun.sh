@@ -1,42 +1,55 @@
 #!/usr/bin/env bash
-# Tiny ImageNet speedrun on one GPU: join the data parts, check the sha256, prepare the cache, train a preset
-# within a time budget (resuming across calls), evaluate, and write a JSON summary and the plots.
+# Tiny ImageNet speedrun on one GPU: join the data parts, check the sha256s, prepare the cache (several zips are
+# extracted over each other into one folder first: the shared data is tiny-imagenet-200-sub.zip, then
+# tiny-imagenet-200-train-rest.zip), train a preset within a time budget (resuming across calls), evaluate with
+# and without the test-time flip, and write a JSON summary and the plots.
 #
 # Made for a GPU machine where one command may run at most 10 minutes and files arrive in parts of at most
 # 64 MiB. Every step is idempotent and keeps its state in the work folder, so the same command, called again,
 # continues where the last call stopped. Exit status: 0 done (summary written), 75 call again (the training
 # stopped at this call's time limit and resumes next call), 3 waiting for data parts, 1 or 2 an error.
 #
-# On the machine that has the zip, cut it into parts (plus a manifest of their sha256 and the SHA256SUMS
-# line):
-#     benchmarks/gpu_speedrun.sh split ../shared/data/tiny-imagenet-200-sub.zip runs/parts --part-size 45M
+# On the machine that has the zips, cut them into parts (one folder per zip, each with a manifest of its
+# parts' sha256 and its SHA256SUMS line; DEST/ZIPS lists the zips, in the order they are extracted):
+#     benchmarks/gpu_speedrun.sh split ../shared/data/tiny-imagenet-200-sub.zip \
+#         ../shared/data/tiny-imagenet-200-train-rest.zip runs/parts --part-size 45M
 # On the GPU machine, from the repository root, as often as needed (parts may arrive over several calls; each
-# call copies the parts it finds into the work folder):
+# call copies the parts it finds into the work folder and waits until every zip ZIPS lists is complete):
 #     benchmarks/gpu_speedrun.sh --parts runs/parts --out "$OUT"
+# Before a GPU session, the whole script on a tiny generated dataset on the CPU (a few minutes; nothing kept):
+#     benchmarks/gpu_speedrun.sh --cpu-smoke
 #
-# The budget is the trainer's own clock (`train_seconds` in its summary, setup and evaluation included,
-# carried across resumes); an epoch cut short by a call's limit is redone after the resume and not counted.
+# The budget is the trainer's own clock (`train_seconds` in its summary: evaluation included, compilation and
+# warm-up left out and reported as `compile_seconds`, carried across resumes); an epoch cut short by a call's
+# limit is redone after the resume and not counted.
 #
 # Options (defaults in brackets):
-#     --parts DIR       folder where parts (part-*, PARTS.sha256, SHA256SUMS) arrive; may repeat [runs/parts]
-#     --zip FILE        a whole zip instead of parts (its sha256 is still checked when a SHA256SUMS is found)
-#     --sums FILE       a SHA256SUMS file (sha256sum format) naming the zip [SHA256SUMS beside the parts]
-#     --work DIR        persistent work folder: parts, joined zip, cache, run directory [runs/speedrun]
+#     --parts DIR       folder where parts arrive: DIR/<zip>/part-* with PARTS.sha256, PARTS.name and
+#                       SHA256SUMS per zip, and DIR/ZIPS (or one zip's parts in DIR itself); may repeat
+#                       [runs/parts]
+#     --zip FILE        a whole zip instead of parts; may repeat (extracted in the order given; sha256s
+#                       checked where a SHA256SUMS beside it names them)
+#     --sums FILE       a SHA256SUMS file (sha256sum format) naming the zips [SHA256SUMS beside the parts]
+#     --work DIR        persistent work folder: parts, joined zips, cache, run directory [runs/speedrun]
 #     --out DIR         where the summary and plots go (at most 8 files) [$OUT, else WORK/out]
 #     --preset NAME     training preset [speedrun]
 #     --budget SECONDS  training time budget, counted by the trainer across resumes [600]
 #     --call-limit S    seconds this call may use in all; training stops in time for the evaluation [570]
 #     --python PY       Python with torch [.venv/bin/python if present, else python3]
-#     --throughput      also time train steps, data resident vs the notebook's DataLoader (gpu_throughput.py,
-#                       seed model, batch 64), once, into throughput.json
+#     --throughput      also time train steps and the augmentation, data resident vs the notebook's
+#                       DataLoader (gpu_throughput.py: the preset's model and augmentation, batch 512 and
+#                       1024, compiled), once, into throughput.json
 #     --until STEP      stop after this step: data, prepare, train (e.g. a call that only takes in parts)
+#     --cpu-smoke       run the whole script on the CPU on two tiny generated zips sent as parts (a small
+#                       model, a 40 s budget, gpu_throughput.py --quick) in a temporary folder, and check
+#                       the summary's fields: the check to run before a GPU session
 #     -- key=value ...  config overrides for a new run (e.g. compile=true batch_size=1024)
 #
-# Outputs in --out: speedrun.json (device, versions, commit, data, preset, budget, train summary, eval of
-# best.pt and last.pt, EMA where enabled, seconds per phase), config.yaml, metrics.jsonl, loss.png,
-# accuracy.png, lr.png, speedrun.log, and throughput.json with --throughput: 8 files. The data is whatever
-# zip arrives: the shared subset holds 250 train images per class (half the official training set) and 10 val
-# images per class.
+# Outputs in --out: speedrun.json (card, versions, commit, data, preset, budget; top-1/top-5 on val with and
+# without the test-time flip, raw and EMA weights, from the run's summary and from `tinyswin eval` of best.pt
+# and last.pt; images/s, compile seconds, training seconds, wall seconds; the run's summary; seconds per
+# phase), config.yaml, metrics.jsonl, loss.png, accuracy.png, lr.png, speedrun.log, and throughput.json with
+# --throughput: 8 files.
 set -euo pipefail
 
 CALL_START=$SECONDS
@@ -66,39 +79,44 @@ expected_sha() {  # expected_sha SUMS_FILE NAME: the sha256 listed for NAME (or 
 # ----------------------------------------------------------------------------------------------------------
 # split: the sending side
 
-cmd_split() {
-    local zip="" dest="" size="45M"
-    while [[ $# -gt 0 ]]; do
-        case "$1" in
-            --part-size) size="$2"; shift 2 ;;
-            -*) die "split: unknown option $1" ;;
-            *)
-                if [[ -z "$zip" ]]; then zip="$1"
-                elif [[ -z "$dest" ]]; then dest="$1"
-                else die "split: too many arguments"
-                fi
-                shift ;;
-        esac
-    done
-    [[ -n "$zip" && -n "$dest" ]] || die "split: usage: gpu_speedrun.sh split ZIP DEST_DIR [--part-size 45M]"
+split_one() {  # split_one ZIP DEST SIZE: parts of one zip, its manifest and its SHA256SUMS line in DEST
+    local zip="$1" dest="$2" size="$3" name sums want
     [[ -f "$zip" ]] || die "split: zip not found: $zip"
+    name="$(basename "$zip")"
     mkdir -p "$dest"
     rm -f "$dest"/part-*
     split -b "$size" -d -a 3 "$zip" "$dest/part-"
-    local name
-    name="$(basename "$zip")"
     (cd "$dest" && sha256sum part-* > PARTS.sha256 && echo "$name" > PARTS.name)
-    local sums
     sums="$(dirname "$zip")/SHA256SUMS"
     if [[ -f "$sums" ]]; then  # the published checksum travels with the parts, checked here first
-        local want
         want="$(expected_sha "$sums" "$name")"
         [[ "$(sha_of "$zip")" == "$want" ]] || die "split: $zip does not match its $sums"
         grep -E "[ *]$name\$" "$sums" > "$dest/SHA256SUMS"
     else
         echo "$(sha_of "$zip")  $name" > "$dest/SHA256SUMS"
     fi
-    log "$(ls "$dest"/part-* | wc -l) parts of at most $size in $dest (manifest PARTS.sha256, SHA256SUMS)"
+    log "$(ls "$dest"/part-* | wc -l) parts of $name (at most $size) in $dest"
+}
+
+cmd_split() {
+    local args=() size="45M"
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --part-size) size="$2"; shift 2 ;;
+            -*) die "split: unknown option $1" ;;
+            *) args+=("$1"); shift ;;
+        esac
+    done
+    [[ ${#args[@]} -ge 2 ]] || die "split: usage: gpu_speedrun.sh split ZIP [ZIP...] DEST_DIR [--part-size 45M]"
+    local dest="${args[-1]}" zip names=()
+    unset 'args[-1]'
+    mkdir -p "$dest"
+    for zip in "${args[@]}"; do
+        split_one "$zip" "$dest/$(basename "$zip" .zip)" "$size"
+        names+=("$(basename "$zip")")
+    done
+    printf '%s\n' "${names[@]}" > "$dest/ZIPS"  # the zips, in the order they are extracted
+    log "DEST/ZIPS lists ${#names[@]} zip(s): ${names[*]}"
 }
 
 if [[ "${1:-}" == "split" ]]; then
@@ -108,10 +126,81 @@ if [[ "${1:-}" == "split" ]]; then
 fi
 
 # ----------------------------------------------------------------------------------------------------------
+# --cpu-smoke: the whole script on two tiny generated zips, on the CPU
+
+cpu_smoke() {
+    local tmp py rc=0
+    tmp="$(mktemp -d "${TMPDIR:-/tmp}/speedrun-smoke.XXXXXX")"
+    py="${PY:-}"
+    if [[ -z "$py" ]]; then
+        if [[ -x "$ROOT/.venv/bin/python" ]]; then py="$ROOT/.venv/bin/python"; else py="python3"; fi
+    fi
+    log "cpu smoke: in $tmp"
+    PYTHONPATH="$ROOT/src" "$py" - "$tmp/src" <<'PY'
+import io, sys, zipfile
+from pathlib import Path
+import numpy as np
+from PIL import Image
+
+out = Path(sys.argv[1]); out.mkdir(parents=True)
+rng = np.random.default_rng(0)
+wnids = [f"n0000000{k}" for k in range(4)]
+def jpeg(k):  # a class-dependent colour and stripes, plus noise
+    img = np.zeros((32, 32, 3)) + 60 + 45 * k
+    img[:, :: 2 + k] += 60
+    img += rng.normal(0, 12, img.shape)
+    buf = io.BytesIO(); Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG"); return buf.getvalue()
+root = "tiny-imagenet-200"
+with zipfile.ZipFile(out / "tiny-imagenet-200-sub.zip", "w") as sub, zipfile.ZipFile(out / "tiny-imagenet-200-train-rest.zip", "w") as rest:
+    sub.writestr(f"{root}/wnids.txt", "\n".join(wnids) + "\n")
+    sub.writestr(f"{root}/words.txt", "".join(f"{w}\tthing {k}\n" for k, w in enumerate(wnids)))
+    ann = []
+    for k, w in enumerate(wnids):
+        for i in range(24):
+            (sub if i < 12 else rest).writestr(f"{root}/train/{w}/images/{w}_{i}.JPEG", jpeg(k))
+        rest.writestr(f"{root}/train/{w}/{w}_boxes.txt", "".join(f"{w}_{i}.JPEG\t0\t0\t31\t31\n" for i in range(24)))
+        for i in range(4):
+            name = f"val_{4 * k + i}.JPEG"
+            sub.writestr(f"{root}/val/images/{name}", jpeg(k)); ann.append(f"{name}\t{w}\t0\t0\t31\t31\n")
+    sub.writestr(f"{root}/val/val_annotations.txt", "".join(ann))
+PY
+    bash "${BASH_SOURCE[0]}" split "$tmp/src/tiny-imagenet-200-sub.zip" "$tmp/src/tiny-imagenet-200-train-rest.zip" \
+        "$tmp/parts" --part-size 40K
+    local args=(--parts "$tmp/parts" --work "$tmp/work" --out "$tmp/out" --budget 40 --call-limit 400 --python "$py"
+        --throughput -- device=cpu threads=1 compile=false model.preset=nano model.embed_dim=16
+        "model.depths=[1, 1]" "model.num_heads=[1, 2]" model.window_size=4 batch_size=16 eval_batch_size=16
+        schedule.epochs=3 schedule.warmup_epochs=1 schedule.mix_off_last_epochs=1)
+    for _ in 1 2 3; do  # 75: call again (as on the GPU machine)
+        rc=0
+        SPEEDRUN_THROUGHPUT_ARGS="--quick" bash "${BASH_SOURCE[0]}" "${args[@]}" || rc=$?
+        [[ $rc -eq 75 ]] || break
+    done
+    [[ $rc -eq 0 ]] || die "cpu smoke: the run ended with exit status $rc (kept: $tmp)"
+    "$py" - "$tmp/out" <<'PY' || die "cpu smoke: the summary is incomplete (kept: $tmp)"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+s = json.loads((out / "speedrun.json").read_text())
+need = ["device", "commit", "images_per_s", "compile_seconds", "train_seconds", "wall_seconds", "results", "eval"]
+missing = [k for k in need if k not in s]
+missing += [f"results.{k}" for k in ("val_top1", "val_top5", "val_top1_no_tta", "val_top5_no_tta", "ema_val_top1",
+            "ema_val_top1_no_tta") if s["results"].get(k) is None]
+missing += [f"eval.{w}.top1_no_tta" for w in ("best", "last", "best_ema", "last_ema")
+            if (s["eval"].get(w) or {}).get("top1_no_tta") is None]
+missing += [f for f in ("config.yaml", "metrics.jsonl", "loss.png", "accuracy.png", "lr.png", "speedrun.log", "throughput.json") if not (out / f).is_file()]
+if missing:
+    sys.exit(f"cpu smoke: missing {missing}")
+print(f"cpu smoke: speedrun.json complete; compile_seconds {s['compile_seconds']}; {len(list(out.iterdir()))} files")
+PY
+    rm -rf "$tmp"
+    log "cpu smoke: ok"
+}
+
+# ----------------------------------------------------------------------------------------------------------
 # options
 
 PARTS_DIRS=()
-ZIP=""
+ZIPS=()
 SUMS=""
 WORK="runs/speedrun"
 OUT_DIR="${OUT:-}"
@@ -125,7 +214,7 @@ OVERRIDES=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --parts) PARTS_DIRS+=("$2"); shift 2 ;;
-        --zip) ZIP="$2"; shift 2 ;;
+        --zip) ZIPS+=("$2"); shift 2 ;;
         --sums) SUMS="$2"; shift 2 ;;
         --work) WORK="$2"; shift 2 ;;
         --out) OUT_DIR="$2"; shift 2 ;;
@@ -135,6 +224,7 @@ while [[ $# -gt 0 ]]; do
         --python) PY="$2"; shift 2 ;;
         --throughput) THROUGHPUT=1; shift ;;
         --until) UNTIL="$2"; shift 2 ;;
+        --cpu-smoke) cpu_smoke; exit 0 ;;
         --) shift; OVERRIDES=("$@"); break ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -151,7 +241,7 @@ fi
 mkdir -p "$WORK"
 WORK="$(cd "$WORK" && pwd)"
 OUT_DIR="${OUT_DIR:-$WORK/out}"
-mkdir -p "$OUT_DIR" "$WORK/parts" "$WORK/state"
+mkdir -p "$OUT_DIR" "$WORK/parts" "$WORK/zips" "$WORK/state"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 LOG="$WORK/state/speedrun.log"  # every call's output, copied to --out when a call ends
 exec > >(tee -a "$LOG") 2>&1
@@ -167,91 +257,115 @@ phase_mark() {  # phase_mark NAME SECONDS: add this call's seconds of a phase to
 # ----------------------------------------------------------------------------------------------------------
 # 1. data: collect parts, join, check
 
-ZIP_DEST="$WORK/data.zip"
-EXPECTED=""
+ZIP_DIR="$WORK/zips"
 
-find_sums() {
-    if [[ -n "$SUMS" ]]; then
-        [[ -f "$SUMS" ]] || die "--sums file not found: $SUMS"
-        echo "$SUMS"
-        return
-    fi
-    for d in "$WORK/parts" "${PARTS_DIRS[@]}"; do
-        if [[ -f "$d/SHA256SUMS" ]]; then echo "$d/SHA256SUMS"; return; fi
+sums_for() {  # sums_for DIR ZIP_NAME: the SHA256SUMS file that names the zip (--sums, DIR's, or none)
+    local f
+    for f in "$SUMS" "$1/SHA256SUMS" "$WORK/parts/SHA256SUMS"; do
+        [[ -n "$f" && -f "$f" ]] && grep -qE "[ *]$2\$" "$f" && { echo "$f"; return; }
     done
-    [[ -n "$ZIP" && -f "$(dirname "$ZIP")/SHA256SUMS" ]] && echo "$(dirname "$ZIP")/SHA256SUMS"
     return 0
 }
 
-
-data_step() {
-    local start=$SECONDS
-    if [[ -f "$WORK/state/data.ok" && -f "$ZIP_DEST" ]]; then
-        log "data: $ZIP_DEST already checked"
-        return
-    fi
-    local sums name
-    if [[ -n "$ZIP" ]]; then
-        [[ -f "$ZIP" ]] || die "--zip not found: $ZIP"
-        cp "$ZIP" "$ZIP_DEST.tmp" && mv "$ZIP_DEST.tmp" "$ZIP_DEST"
-        name="$(basename "$ZIP")"
+check_zip() {  # check_zip ZIP SUMS_FILE: the zip's sha256 against the file's line (removed if wrong)
+    local zip="$1" sums="$2" name want got
+    name="$(basename "$zip")"
+    got="$(sha_of "$zip")"
+    if [[ -n "$sums" ]]; then
+        want="$(expected_sha "$sums" "$name")"
+        if [[ "$got" != "$want" ]]; then
+            rm -f "$zip"
+            die "data: sha256 of $name is $got, $sums says $want"
+        fi
+        log "data: $name sha256 $got matches $sums"
     else
-        # collect: copy the parts and manifests that arrived, keeping the ones already here
-        local d f
-        for d in "${PARTS_DIRS[@]}"; do
-            [[ -d "$d" ]] || continue
-            for f in "$d"/part-* "$d"/PARTS.sha256 "$d"/PARTS.name "$d"/SHA256SUMS; do
+        log "data: no SHA256SUMS names $name: used unchecked"
+    fi
+    echo "$name $got" >> "$WORK/state/data.ok.tmp"
+}
+
+collect_parts() {  # copy the parts and manifests that arrived: DIR/ZIPS, DIR/<zip>/*, or one zip's in DIR
+    local d src f kept
+    for d in "${PARTS_DIRS[@]}"; do
+        [[ -d "$d" ]] || continue
+        [[ -f "$d/ZIPS" ]] && cp "$d/ZIPS" "$WORK/parts/ZIPS"
+        for src in "$d" "$d"/*/; do
+            src="${src%/}"
+            [[ -d "$src" ]] || continue
+            local target="$WORK/parts/$( [[ "$src" == "$d" ]] && echo _ || basename "$src")"
+            for f in "$src"/part-* "$src"/PARTS.sha256 "$src"/PARTS.name "$src"/SHA256SUMS; do
                 [[ -f "$f" ]] || continue
-                local kept="$WORK/parts/$(basename "$f")"
+                mkdir -p "$target"
+                kept="$target/$(basename "$f")"
                 if [[ ! -f "$kept" ]] || ! cmp -s "$f" "$kept"; then
                     cp "$f" "$kept.tmp" && mv "$kept.tmp" "$kept"
                 fi
             done
         done
-        [[ -f "$WORK/parts/PARTS.sha256" ]] || {
+    done
+}
+
+join_parts() {  # join_parts DIR: the zip of one folder of parts, checked part by part; exit 3 while incomplete
+    local dir="$1" name missing=() bad=() part want list=() total
+    [[ -f "$dir/PARTS.sha256" ]] || { log "data: waiting for parts: no PARTS.sha256 in $dir yet"; exit 3; }
+    name="$(cat "$dir/PARTS.name" 2>/dev/null || echo tiny-imagenet-200-sub.zip)"
+    while read -r want part; do
+        part="${part#\*}"
+        if [[ ! -f "$dir/$part" ]]; then
+            missing+=("$part")
+        elif [[ "$(sha_of "$dir/$part")" != "$want" ]]; then
+            bad+=("$part")
+        fi
+        list+=("$dir/$part")
+    done < "$dir/PARTS.sha256"
+    if [[ ${#bad[@]} -gt 0 ]]; then
+        rm -f "${bad[@]/#/$dir/}"
+        die "data: part(s) ${bad[*]} do not match PARTS.sha256 of $name (removed from $dir; send again)"
+    fi
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        total=$(wc -l < "$dir/PARTS.sha256")
+        log "data: waiting for parts of $name: have $((total - ${#missing[@]})) of $total, missing ${missing[*]}"
+        exit 3
+    fi
+    cat "${list[@]}" > "$ZIP_DIR/$name.tmp"
+    mv "$ZIP_DIR/$name.tmp" "$ZIP_DIR/$name"
+    log "data: joined ${#list[@]} parts into $ZIP_DIR/$name"
+    check_zip "$ZIP_DIR/$name" "$(sums_for "$dir" "$name")"
+}
+
+data_step() {
+    local start=$SECONDS zip dir name
+    if [[ -f "$WORK/state/data.ok" ]]; then
+        log "data: $(cut -d' ' -f1 "$WORK/state/data.ok" | tr '\n' ' ')already checked"
+        return
+    fi
+    rm -f "$WORK/state/data.ok.tmp"
+    if [[ ${#ZIPS[@]} -gt 0 ]]; then
+        for zip in "${ZIPS[@]}"; do
+            [[ -f "$zip" ]] || die "--zip not found: $zip"
+            cp "$zip" "$ZIP_DIR/$(basename "$zip").tmp" && mv "$ZIP_DIR/$(basename "$zip").tmp" "$ZIP_DIR/$(basename "$zip")"
+            check_zip "$ZIP_DIR/$(basename "$zip")" "$(sums_for "$(dirname "$zip")" "$(basename "$zip")")"
+        done
+    else
+        collect_parts
+        local dirs=()
+        if [[ -f "$WORK/parts/ZIPS" ]]; then  # every zip the sender split, in its order
+            while read -r name; do
+                [[ -n "$name" ]] || continue
+                dir="$(grep -lx "$name" "$WORK"/parts/*/PARTS.name 2>/dev/null | head -n1 || true)"
+                [[ -n "$dir" ]] || { log "data: waiting for parts: none of $name yet (ZIPS lists it)"; exit 3; }
+                dirs+=("$(dirname "$dir")")
+            done < "$WORK/parts/ZIPS"
+        else
+            for dir in "$WORK"/parts/*/; do [[ -f "$dir/PARTS.sha256" ]] && dirs+=("${dir%/}"); done
+        fi
+        [[ ${#dirs[@]} -gt 0 ]] || {
             log "data: waiting for parts: no PARTS.sha256 manifest yet in ${PARTS_DIRS[*]} ('split' makes it)"
             exit 3
         }
-        local missing=() bad=() part want
-        while read -r want part; do
-            part="${part#\*}"
-            if [[ ! -f "$WORK/parts/$part" ]]; then
-                missing+=("$part")
-            elif [[ "$(sha_of "$WORK/parts/$part")" != "$want" ]]; then
-                bad+=("$part")
-            fi
-        done < "$WORK/parts/PARTS.sha256"
-        if [[ ${#bad[@]} -gt 0 ]]; then
-            rm -f "${bad[@]/#/$WORK/parts/}"
-            die "data: part(s) ${bad[*]} do not match PARTS.sha256 (removed from $WORK/parts; send again)"
-        fi
-        if [[ ${#missing[@]} -gt 0 ]]; then
-            local total
-            total=$(wc -l < "$WORK/parts/PARTS.sha256")
-            log "data: waiting for parts: have $((total - ${#missing[@]})) of $total, missing ${missing[*]}"
-            exit 3
-        fi
-        local list=()
-        while read -r want part; do list+=("$WORK/parts/${part#\*}"); done < "$WORK/parts/PARTS.sha256"
-        cat "${list[@]}" > "$ZIP_DEST.tmp"
-        mv "$ZIP_DEST.tmp" "$ZIP_DEST"
-        name="$(cat "$WORK/parts/PARTS.name" 2>/dev/null || echo tiny-imagenet-200-sub.zip)"
-        log "data: joined ${#list[@]} parts into $ZIP_DEST"
+        for dir in "${dirs[@]}"; do join_parts "$dir"; done
     fi
-    sums="$(find_sums)"
-    if [[ -n "$sums" ]]; then
-        EXPECTED="$(expected_sha "$sums" "$name")"
-        local got
-        got="$(sha_of "$ZIP_DEST")"
-        if [[ "$got" != "$EXPECTED" ]]; then
-            rm -f "$ZIP_DEST"
-            die "data: sha256 of the joined zip is $got, $sums says $EXPECTED for $name"
-        fi
-        log "data: sha256 $got matches $sums"
-    else
-        log "data: no SHA256SUMS found: the zip is used unchecked"
-    fi
-    echo "$name $(sha_of "$ZIP_DEST")" > "$WORK/state/data.ok"
+    mv "$WORK/state/data.ok.tmp" "$WORK/state/data.ok"
     phase_mark data $((SECONDS - start))
 }
 
@@ -259,14 +373,33 @@ data_step() {
 # 2. cache
 
 prepare_step() {
-    local start=$SECONDS
+    local start=$SECONDS source
     local check="import sys; from tinyswin.data import is_cache; sys.exit(0 if is_cache(sys.argv[1]) else 1)"
     if "$PY" -c "$check" "$WORK/cache"; then
         log "cache: $WORK/cache ready"
         return
     fi
-    log "cache: preparing $WORK/cache"
-    "$PY" -m tinyswin prepare "$ZIP_DEST" --out "$WORK/cache" --quiet
+    mapfile -t names < <(cut -d' ' -f1 "$WORK/state/data.ok")
+    if [[ ${#names[@]} -eq 1 ]]; then
+        source="$ZIP_DIR/${names[0]}"
+    else  # several zips: extracted over each other, in order, into one folder (the official layout)
+        rm -rf "$WORK/extract"
+        source="$("$PY" - "$WORK/extract" "${names[@]/#/$ZIP_DIR/}" <<'PY'
+import sys, zipfile
+from pathlib import Path
+dest = Path(sys.argv[1])
+for zip_path in sys.argv[2:]:
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(dest)
+roots = sorted(p.parent for p in dest.glob("*/wnids.txt")) or sorted(p.parent for p in dest.glob("wnids.txt"))
+print(roots[0] if roots else dest)
+PY
+)"
+        log "cache: extracted ${names[*]} into $source"
+    fi
+    log "cache: preparing $WORK/cache from $source"
+    "$PY" -m tinyswin prepare "$source" --out "$WORK/cache" --quiet
+    rm -rf "$WORK/extract"
     phase_mark prepare $((SECONDS - start))
 }
 
@@ -299,7 +432,7 @@ train_step() {
     local rc=0
     timeout --signal=TERM --kill-after=15 "$left" "${cmd[@]}" || rc=$?
     phase_mark train $((SECONDS - start))
-    if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    if [[ $rc -eq 124 || $rc -eq 137 || $rc -eq 143 ]]; then
         log "train: stopped at this call's limit; call again to resume from $run/last.pt"
         exit 75
     fi
@@ -307,21 +440,23 @@ train_step() {
 }
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. evaluate and summarize
+# 4. evaluate (with and without the test-time flip) and summarize
 
 eval_step() {
-    local start=$SECONDS run="$WORK/run"
-    for which in best last; do
-        [[ -f "$WORK/state/eval_$which.json" ]] && continue
-        "$PY" -m tinyswin eval "$run/$which.pt" --data "$WORK/cache" --json \
-            > "$WORK/state/eval_$which.json.tmp"
-        mv "$WORK/state/eval_$which.json.tmp" "$WORK/state/eval_$which.json"
-        if "$PY" - "$run/config.yaml" <<'PY'
+    local start=$SECONDS run="$WORK/run" which ema=0
+    if "$PY" - "$run/config.yaml" <<'PY'
 import sys, yaml
 sys.exit(0 if (yaml.safe_load(open(sys.argv[1])) or {}).get("ema", {}).get("enabled") else 1)
 PY
-        then
-            "$PY" -m tinyswin eval "$run/$which.pt" --data "$WORK/cache" --ema --json \
+    then ema=1; fi
+    for which in best last; do
+        if [[ ! -f "$WORK/state/eval_$which.json" ]]; then
+            "$PY" -m tinyswin eval "$run/$which.pt" --data "$WORK/cache" --tta flip --json \
+                > "$WORK/state/eval_$which.json.tmp"
+            mv "$WORK/state/eval_$which.json.tmp" "$WORK/state/eval_$which.json"
+        fi
+        if [[ $ema -eq 1 && ! -f "$WORK/state/eval_${which}_ema.json" ]]; then
+            "$PY" -m tinyswin eval "$run/$which.pt" --data "$WORK/cache" --ema --tta flip --json \
                 > "$WORK/state/eval_${which}_ema.json.tmp"
             mv "$WORK/state/eval_${which}_ema.json.tmp" "$WORK/state/eval_${which}_ema.json"
         fi
@@ -330,7 +465,6 @@ PY
 }
 
 summary_step() {
-    local run="$WORK/run"
     "$PY" - "$WORK" "$OUT_DIR" "$PRESET" "$BUDGET" "$ROOT" <<'PY'
 import json, shutil, subprocess, sys, time
 from pathlib import Path
@@ -357,28 +491,29 @@ for line in (state / "phases").read_text().splitlines() if (state / "phases").ex
 train = read(run / "summary.json") or {}
 train.pop("val_details", None)
 meta = read(work / "cache" / "meta.json") or {}
-counts = meta.get("counts", {})
-data_name, data_sha = (state / "data.ok").read_text().split()
+zips = [dict(zip(("zip", "sha256"), line.split())) for line in (state / "data.ok").read_text().splitlines()]
+keys = ("val_top1", "val_top5", "val_top1_no_tta", "val_top5_no_tta",
+        "ema_val_top1", "ema_val_top5", "ema_val_top1_no_tta", "ema_val_top5_no_tta")
 summary = {
     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     "torch": torch.__version__,
     "commit": git("rev-parse", "HEAD"),
     "tree_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
     "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    "data": {
-        "zip": data_name,
-        "sha256": data_sha,
-        "splits": counts,
-        "note": "the shared subset holds 250 train images per class (half the official training set) and "
-        "10 val images per class (the official val has 50)",
-    },
+    "data": {"zips": zips, "splits": meta.get("counts", {})},
     "preset": preset,
     "budget_s": budget,
-    "train": train,
+    "results": {"tta": train.get("tta"), **{k: train.get(k) for k in keys},
+                "best_top1": train.get("best_top1"), "best_epoch": train.get("best_epoch"),
+                "epochs": train.get("epochs")},
+    "images_per_s": train.get("images_per_s"),
+    "compile_seconds": train.get("compile_seconds"),
+    "train_seconds": train.get("train_seconds"),
+    "wall_seconds": sum(phases.values()),
     "eval": {name: read(state / f"eval_{name}.json") for name in ("best", "last", "best_ema", "last_ema")},
+    "train": train,
     "phase_seconds": phases,
 }
-(out / "speedrun.json").write_text(json.dumps(summary, indent=2) + "\n")
 for name in ("config.yaml", "metrics.jsonl"):
     if (run / name).exists():
         shutil.copy(run / name, out / name)
@@ -387,13 +522,15 @@ for png in sorted((run / "plots").glob("*.png"))[:3]:
 if (state / "throughput.json").exists():
     shutil.copy(state / "throughput.json", out / "throughput.json")
     summary["throughput"] = read(state / "throughput.json")
-    (out / "speedrun.json").write_text(json.dumps(summary, indent=2) + "\n")
-t = summary["train"]
+(out / "speedrun.json").write_text(json.dumps(summary, indent=2) + "\n")
+r = summary["results"]
+pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"
+num = lambda v, f="{:.0f}": "n/a" if v is None else f.format(v)
 print(
-    f"gpu_speedrun: {summary['device']}: val top-1 {100 * t.get('val_top1', float('nan')):.2f}% "
-    f"top-5 {100 * t.get('val_top5', float('nan')):.2f}% after {t.get('epochs')} epochs, "
-    f"{t.get('train_seconds', float('nan')):.0f} s of training, "
-    f"{t.get('images_per_s', float('nan')):.0f} img/s"
+    f"gpu_speedrun: {summary['device']}: val top-1 {pct(r['val_top1'])} (without the flip {pct(r['val_top1_no_tta'])}), "
+    f"top-5 {pct(r['val_top5'])}; EMA top-1 {pct(r['ema_val_top1'])} (without {pct(r['ema_val_top1_no_tta'])}); "
+    f"{r['epochs']} epochs, {num(summary['images_per_s'])} img/s, compile {num(summary['compile_seconds'], '{:.1f}')} s, "
+    f"training {num(summary['train_seconds'])} s, wall {summary['wall_seconds']} s"
 )
 PY
 }
@@ -408,7 +545,9 @@ stop_after() {
 throughput_step() {
     [[ $THROUGHPUT -eq 1 && ! -f "$WORK/state/throughput.json" ]] || return 0
     local start=$SECONDS
-    "$PY" "$ROOT/benchmarks/gpu_throughput.py" --data "$WORK/cache" --json "$WORK/state/throughput.json.tmp"
+    # shellcheck disable=SC2086  # extra options, split on spaces (the CPU smoke's --quick)
+    "$PY" "$ROOT/benchmarks/gpu_throughput.py" --data "$WORK/cache" --preset "$PRESET" \
+        ${SPEEDRUN_THROUGHPUT_ARGS:-} --json "$WORK/state/throughput.json.tmp"
     mv "$WORK/state/throughput.json.tmp" "$WORK/state/throughput.json"
     phase_mark throughput $((SECONDS - start))
 }

@@ -107,9 +107,10 @@ def test_split_then_join_over_two_calls(tmp_path: Path) -> None:
     zip_path = tmp_path / "src" / "tiny.zip"
     zip_path.parent.mkdir()
     zip_path.write_bytes(data)
-    parts = tmp_path / "parts"
-    split = _run("split", zip_path, parts, "--part-size", "100K", cwd=tmp_path)
+    split = _run("split", zip_path, tmp_path / "parts", "--part-size", "100K", cwd=tmp_path)
     assert split.returncode == 0, split.stderr
+    assert (tmp_path / "parts" / "ZIPS").read_text() == "tiny.zip\n"
+    parts = tmp_path / "parts" / "tiny"  # one folder per zip
     names = sorted(p.name for p in parts.glob("part-*"))
     assert names == ["part-000", "part-001", "part-002"]
     assert (parts / "SHA256SUMS").read_text().split() == [_sha(zip_path), "tiny.zip"]
@@ -129,7 +130,7 @@ def test_split_then_join_over_two_calls(tmp_path: Path) -> None:
         (inbox / name).write_bytes((parts / name).read_bytes())
     second = _run("--parts", inbox, "--work", work, "--until", "data", cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert (work / "data.zip").read_bytes() == data
+    assert (work / "zips" / "tiny.zip").read_bytes() == data
     assert (work / "state" / "data.ok").read_text().split() == ["tiny.zip", _sha(zip_path)]
     assert (work / "out" / "speedrun.log").read_text().count("call started") == 2
 
@@ -137,21 +138,21 @@ def test_split_then_join_over_two_calls(tmp_path: Path) -> None:
 def test_a_corrupt_part_or_checksum_is_refused(tmp_path: Path) -> None:
     zip_path = tmp_path / "tiny.zip"
     zip_path.write_bytes(os.urandom(150_000))
-    parts = tmp_path / "parts"
-    assert _run("split", zip_path, parts, "--part-size", "100K", cwd=tmp_path).returncode == 0
+    assert _run("split", zip_path, tmp_path / "parts", "--part-size", "100K", cwd=tmp_path).returncode == 0
+    parts = tmp_path / "parts" / "tiny"
     good = (parts / "part-001").read_bytes()
     (parts / "part-001").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
-    bad_part = _run("--parts", parts, "--work", tmp_path / "w1", "--until", "data", cwd=tmp_path)
+    bad_part = _run("--parts", tmp_path / "parts", "--work", tmp_path / "w1", "--until", "data", cwd=tmp_path)
     assert bad_part.returncode == 2
     assert "part(s) part-001 do not match PARTS.sha256" in bad_part.stdout + bad_part.stderr
-    assert not (tmp_path / "w1" / "parts" / "part-001").exists()  # dropped, so a resent part is taken
+    assert not (tmp_path / "w1" / "parts" / "tiny" / "part-001").exists()  # dropped: a resent part is taken
 
     (parts / "part-001").write_bytes(good)
     (parts / "SHA256SUMS").write_text("0" * 64 + "  tiny.zip\n")
-    bad_sum = _run("--parts", parts, "--work", tmp_path / "w2", "--until", "data", cwd=tmp_path)
+    bad_sum = _run("--parts", tmp_path / "parts", "--work", tmp_path / "w2", "--until", "data", cwd=tmp_path)
     assert bad_sum.returncode == 2
-    assert f"sha256 of the joined zip is {_sha(zip_path)}" in bad_sum.stdout + bad_sum.stderr
-    assert not (tmp_path / "w2" / "data.zip").exists()
+    assert f"sha256 of tiny.zip is {_sha(zip_path)}" in bad_sum.stdout + bad_sum.stderr
+    assert not (tmp_path / "w2" / "zips" / "tiny.zip").exists()
 
 
 def test_split_checks_the_published_checksum_beside_the_zip(tmp_path: Path) -> None:
@@ -163,7 +164,7 @@ def test_split_checks_the_published_checksum_beside_the_zip(tmp_path: Path) -> N
     assert "does not match" in refused.stderr
     (tmp_path / "SHA256SUMS").write_text(f"{'1' * 64}  other.zip\n{_sha(zip_path)}  tiny.zip\n")
     assert _run("split", zip_path, tmp_path / "parts", cwd=tmp_path).returncode == 0
-    assert (tmp_path / "parts" / "SHA256SUMS").read_text() == f"{_sha(zip_path)}  tiny.zip\n"
+    assert (tmp_path / "parts" / "tiny" / "SHA256SUMS").read_text() == f"{_sha(zip_path)}  tiny.zip\n"
 
 
 def _tiny_imagenet_zip(path: Path, classes: int = 4, per_class: int = 12, val_per_class: int = 4) -> None:
@@ -224,15 +225,18 @@ def test_speedrun_end_to_end_on_cpu_over_several_calls(tmp_path: Path) -> None:
     full = _run(*common, "--budget", "20", *overrides, cwd=tmp_path)
     assert full.returncode == 0, full.stdout + full.stderr
     summary = json.loads((out / "speedrun.json").read_text())
-    assert summary["data"]["sha256"] == _sha(zip_path)
+    assert summary["data"]["zips"] == [{"zip": zip_path.name, "sha256": _sha(zip_path)}]
     assert summary["data"]["splits"] == {"train": 48, "val": 16}
     train = summary["train"]
     assert train["epochs"] >= 1  # the budget stretches or compresses the nominal 3 epochs
     assert len((out / "metrics.jsonl").read_text().splitlines()) == train["epochs"]
     assert train["best_top1"] <= 0.75  # a quarter of val is labelled against its image
-    # eval of best.pt reproduces the best val top-1 the run logged
-    assert summary["eval"]["best"]["top1"] == pytest.approx(train["best_top1"], abs=1e-9)
-    assert summary["eval"]["last"]["top1"] == pytest.approx(train["val_top1"], abs=1e-9)
+    # eval of best.pt reproduces the best val top-1 the run logged (the run had no test-time flip; eval
+    # reports top-1 with the flip and without it)
+    assert train["tta"] == "none" and summary["eval"]["last"]["tta"] == "flip"
+    assert summary["eval"]["best"]["top1_no_tta"] == pytest.approx(train["best_top1"], abs=1e-9)
+    assert summary["eval"]["last"]["top1_no_tta"] == pytest.approx(train["val_top1"], abs=1e-9)
+    assert summary["results"]["val_top1"] == train["val_top1"]
     produced = sorted(p.name for p in out.iterdir())
     assert len(produced) <= 8
     assert {"speedrun.json", "config.yaml", "metrics.jsonl", "speedrun.log"} <= set(produced)
@@ -294,18 +298,25 @@ def test_throughput_arms_count_their_images(tmp_path: Path, device: str, one_thr
         "test",
     )
     gt = _load_throughput()
-    batches = gt.resident_batches(images, labels, 8, torch.device(device), num_classes=4)
+    augment = build_augment(build_augment_config(load_config("speedrun")), (0.5,) * 3, (0.25,) * 3, 4)
+    batches = gt.resident_batches(images, labels, 8, torch.device(device), augment)
     x, y = next(batches)
     assert x.shape == (8, 3, 64, 64) and x.device.type == device and y.device.type == device
     out = tmp_path / "tp.json"
     args = ["--data", str(cache), "--model", "nano", "--batch-size", "8", "--warmup", "1", "--steps", "2"]
-    assert gt.main([*args, "--workers", "0", "--device", device, "--json", str(out)]) == 0
+    assert gt.main([*args, "--workers", "0", "--device", device, "--no-compile", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["arms"]) == {"notebook", "resident", "model"}
-    for arm in result["arms"].values():
-        assert arm["images"] == 16
+    assert result["augment"]["device_params"] is True  # the speedrun preset's augmentation
+    size = result["batch_sizes"]["8"]
+    assert set(size["arms"]) == {"notebook", "resident", "model", "augment"}
+    for name, arm in size["arms"].items():
+        assert arm["images"] == (64 if name == "augment" else 16)  # the augment arm runs 4x the steps
         assert arm["images_per_s"] == pytest.approx(arm["images"] / arm["seconds"])
-        assert np.isfinite(arm["last_loss"])
-    ratio = result["arms"]["resident"]["images_per_s"] / result["arms"]["notebook"]["images_per_s"]
-    assert result["ratio_resident_vs_notebook"] == pytest.approx(ratio)
+        assert name == "augment" or np.isfinite(arm["last_loss"])
+    rate = {name: arm["images_per_s"] for name, arm in size["arms"].items()}
+    assert size["resident_vs_notebook"] == pytest.approx(rate["resident"] / rate["notebook"])
+    assert size["augment_vs_step"] == pytest.approx(rate["augment"] / rate["resident"])
+    assert size["resident_vs_model"] == pytest.approx(rate["resident"] / rate["model"])
     assert result["device"] == ("cpu" if device == "cpu" else torch.cuda.get_device_name(0))
+    if device == "cuda":
+        assert size["augment_waits_for_the_device"] == "no"
