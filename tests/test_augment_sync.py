@@ -227,3 +227,26 @@ def test_dense_erasing_fills_exactly_the_drawn_boxes() -> None:
         for c, value in enumerate((1.0, 2.0, 3.0)):
             assert torch.all(x[i, c][inside] == value)
             assert torch.equal(x[i, c][~inside], x0[i, c][~inside])
+
+
+def test_batch_mix_draws_follow_the_configured_probabilities_and_lambdas() -> None:
+    """`seed`'s rule on the host stream: Mixup with p 0.3 (Beta(0.4, 0.4)), else CutMix with p 0.3 (its lambda
+    the kept fraction of the image), else none."""
+    cfg = augment_preset("seed", device_params=True)
+    rng, generator = random.Random(0), torch.Generator().manual_seed(0)
+    draws = [dev.sample_batch_mix(8, 64, 64, cfg, rng, generator) for _ in range(4000)]
+    mixup = [d.lam for d in draws if d.mode == MIX_MIXUP]
+    cutmix = [d for d in draws if d.mode == MIX_CUTMIX]
+    none = [d for d in draws if d.mode not in (MIX_MIXUP, MIX_CUTMIX)]
+    assert len(mixup) / 4000 == pytest.approx(0.3, abs=0.025)
+    assert len(cutmix) / 4000 == pytest.approx(0.7 * 0.3, abs=0.025)
+    lam = torch.tensor(mixup, dtype=torch.float64)
+    assert float(lam.mean()) == pytest.approx(0.5, abs=0.03)
+    assert float(lam.var()) == pytest.approx(1 / (4 * (2 * 0.4 + 1)), abs=0.015)  # Beta(0.4, 0.4)
+    assert float(lam.min()) >= 0.001 and float(lam.max()) <= 0.999
+    for d in cutmix:
+        y1, y2, x1, x2 = d.box
+        assert 0 <= y1 <= y2 <= 64 and 0 <= x1 <= x2 <= 64
+        assert d.lam == 1 - (y2 - y1) * (x2 - x1) / 64**2
+    assert all(d.lam == 1.0 for d in none)
+    assert all(sorted(d.partner.tolist()) == list(range(8)) for d in draws[:50])
