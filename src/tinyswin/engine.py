@@ -112,7 +112,8 @@ class StepTally:
     def read(self, step: int) -> tuple[float, int, int, int, int]:
         """One host read (a device sync) after step `step`: (loss sum, finite steps, non-finite steps, run
         now, longest run)."""
-        values = torch.stack([self.loss_sum.double(), self.finite, self.nonfinite, self.run, self.peak])
+        counts = [self.finite, self.nonfinite, self.run, self.peak]
+        values = torch.stack([self.loss_sum, *(c.to(self.dtype) for c in counts)])  # (5,) one transfer
         loss_sum, finite, nonfinite, run, peak = values.tolist()
         self.read_steps = step
         self.last = [loss_sum, int(finite), int(nonfinite), int(run), int(peak)]

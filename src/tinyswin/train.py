@@ -151,8 +151,8 @@ class Run:
     def warm_up(self) -> float:
         """Compile and warm up before the clock starts; returns the seconds it took.
 
-        `cfg.warmup_steps` optimizer steps on the next epoch's real batches, then one evaluation batch of
-        every shape an epoch's evaluation meets (a full batch and the last, smaller one of each split). Every
+        `cfg.warmup_steps` optimizer steps on the next epoch's real batches, then the first evaluation batch
+        of each split (evaluation pads its last batch to that shape, so that is every shape it meets). Every
         state a step changes is put back afterwards (`engine.snapshot_training`), so the run computes what
         it would have without the warm-up.
         """
@@ -168,13 +168,10 @@ class Run:
                 self.state, cfg=self.cfg, epoch=epoch, mix=mix, device=self.device, amp_dtype=self.amp_dtype,
                 ema=self.ema, dist=self.dist, max_steps=min(self.cfg.warmup_steps, self.iters_per_epoch),
             )  # fmt: skip
-            for loader in self.eval_loaders.values():
-                images, labels = next(iter(loader))
-                rest = loader.num_samples % loader.batch_size
-                for n in {labels.shape[0], rest} - {0}:
-                    evaluate(self.eval_model, iter([(images[:n], labels[:n])]), self.normalize,
-                             num_classes=self.cache.num_classes, amp_dtype=self.amp_dtype,
-                             tta=self.cfg.tta)  # fmt: skip
+            for loader in self.eval_loaders.values():  # evaluation pads its last batch: one shape a split
+                evaluate(self.eval_model, iter([next(iter(loader))]), self.normalize,
+                         num_classes=self.cache.num_classes, amp_dtype=self.amp_dtype,
+                         tta=self.cfg.tta)  # fmt: skip
         finally:
             restore()
             self.train_model.train()
@@ -502,9 +499,7 @@ def _train_epochs(
         run.state.compile_seconds += seconds
         run.clock_start += seconds  # the clock leaves the warm-up out
         wall_start += seconds
-        say(
-            f"warm-up: {cfg.warmup_steps} steps and every evaluation shape in {seconds:.1f} s (off the clock)"
-        )
+        say(f"warm-up: {cfg.warmup_steps} steps and one eval batch a split, {seconds:.1f} s (off the clock)")
     run.written_epoch, run.written_at = run.state.epoch, time.perf_counter()
     budget = None
     if cfg.time_budget is not None:
