@@ -1,18 +1,21 @@
 """The step loop without host syncs: non-finite losses skipped on the device exactly as on the host, the
 limit of non-finite losses in a row caught at most `sync_every` steps late, no reads of device values
-between two reads, and a skipped step that changes nothing (weights, AdamW state, EMA)."""
+between two reads, and a skipped step that changes nothing (weights, AdamW state, EMA); `compile_mode`
+reaching torch.compile."""
 
 import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from test_train import make_tiny_cache
-from tinyswin.config import TrainConfig
+from tinyswin.config import TrainConfig, load_config, to_yaml
 from tinyswin.data import BatchLoader, load_cache
 from tinyswin.engine import LoopState, TrainingError, ema_update, masked_step, train_one_epoch
 from tinyswin.optim import WarmupCosine
+from tinyswin.runtime import DistContext, wrap_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 12  # 200 train images in batches of 16
@@ -194,3 +197,23 @@ def test_ema_update_copies_first_skips_exactly_and_then_follows_the_decay() -> N
         torch.testing.assert_close(ema.module.weight, reference.module.weight, rtol=1e-6, atol=1e-6)
     assert int(ema.n_averaged) == 4
     assert not torch.allclose(ema.module.weight, model.weight)  # an average, not a copy
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_compile_mode_reaches_torch_compile_and_config_yaml(monkeypatch, world_size: int) -> None:
+    compiled: list[dict] = []
+
+    def fake_compile(module, **kwargs):
+        compiled.append(kwargs)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module, **_: module)
+    model = torch.nn.Linear(2, 2)
+    dist = DistContext(0, world_size, 0)
+    wrap_model(model, True, dist, torch.device("cpu"), "max-autotune-no-cudagraphs")
+    assert compiled == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}] * world_size
+    cfg = load_config(None, None, ["compile=true", "compile_mode=reduce-overhead", "sync_every=50"])
+    saved = yaml.safe_load(to_yaml(cfg))
+    assert (saved["compile_mode"], saved["sync_every"]) == ("reduce-overhead", 50)
+    assert load_config("speedrun").compile and load_config("default").sync_every == 1
