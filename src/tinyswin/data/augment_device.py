@@ -274,9 +274,10 @@ def crop_static(
 # RandAugment
 
 
-def _blend_color_sharpness_(x: Tensor, column: Tensor, values: Tensor) -> Tensor:
-    """In place: Color (blend with the gray image) and Sharpness (with the smoothed image) for the samples
-    that drew them; every other sample is blended with factor 1, which leaves it as it is."""
+def _blend_color_sharpness_(x: Tensor, column: Tensor, values: Tensor, gray: Tensor) -> Tensor:
+    """In place: Color (blend with the gray image ``gray`` (N, 1, H, W) of ``x``) and Sharpness (with the
+    smoothed image) for the samples that drew them; every other sample is blended with factor 1, which leaves
+    it as it is."""
     n = x.shape[0]
     is_color = (column == _OP["Color"]).view(n, 1, 1, 1)
     is_sharp = (column == _OP["Sharpness"]).view(n, 1, 1, 1)
@@ -290,15 +291,15 @@ def _blend_color_sharpness_(x: Tensor, column: Tensor, values: Tensor) -> Tensor
         box = rows[..., :-2] + rows[..., 1:-1]  # (N, 3, H-2, W-2)
         box.add_(rows[..., 2:]).add_(x[:, :, 1:-1, 1:-1], alpha=4.0).div_(13.0).round_().clamp_(0.0, 255.0)
         degenerate[:, :, 1:-1, 1:-1] = box
-    degenerate = torch.where(is_color, ops.grayscale(x), degenerate)  # (N, 3, H, W)
+    degenerate = torch.where(is_color, gray, degenerate)  # (N, 3, H, W)
     weighted = degenerate.mul_(ops.complement(factor, x))
     return x.mul_(ops.per_sample(factor, x)).add_(weighted).clamp_(0.0, 255.0).floor_()
 
 
-def _equalize_tables(x: Tensor) -> Tensor:
-    """``(N, 3, 256)`` float32: each channel's histogram-equalisation table (``augment_ops.equalize_``)."""
+def _equalize_tables(x: Tensor, values: Tensor) -> Tensor:
+    """``(N, 3, 256)`` float32: each channel's histogram-equalisation table (``augment_ops.equalize_``);
+    ``values`` is ``x`` as int64 ``(N*3, H*W)``."""
     n, c, h, w = x.shape
-    values = x.reshape(n * c, h * w).to(torch.int64)  # (N*3, H*W)
     offsets = torch.arange(n * c, device=x.device).mul_(256).unsqueeze(1)  # (N*3, 1)
     flat = (values + offsets).view(-1)
     ones = torch.ones(1, dtype=torch.int64, device=x.device).expand(flat.numel())
@@ -313,10 +314,16 @@ def _equalize_tables(x: Tensor) -> Tensor:
     return torch.where(step == 0, identity, lut).to(x.dtype).view(n, c, 256)
 
 
-def _value_tables(x: Tensor, column: Tensor, values: Tensor) -> Tensor:
+def _value_tables(x: Tensor, index: Tensor, gray: Tensor, column: Tensor, values: Tensor) -> Tensor:
     """``(N, 3, 256)`` float32: the table of each sample's op among Identity, Brightness, Contrast, Posterize,
     Solarize, AutoContrast and Equalize (the identity for the other ops), built by running every op on the
-    256 values (``augment_ops``' arithmetic, so each entry is what the op gives that value)."""
+    256 values (``augment_ops``' arithmetic, so each entry is what the op gives that value).
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers; ``index``: the same as int64 ``(N*3, H*W)``.
+        gray: ``(N, 1, H, W)`` gray image of ``x`` where Contrast was drawn (its mean is what it blends with).
+        column, values: the slot's ops and arguments, ``(N,)`` each.
+    """
     n = x.shape[0]
     levels = (
         torch.arange(256, dtype=x.dtype, device=x.device).expand(n, 3, 1, 256).contiguous()
@@ -333,7 +340,7 @@ def _value_tables(x: Tensor, column: Tensor, values: Tensor) -> Tensor:
         "Solarize": ops.solarize_(levels.clone(), torch.where(chosen["Solarize"], values, 256.0)),
     }
     f = torch.where(chosen["Contrast"], 1.0 + values, one)
-    mean = ops.grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
     contrast = levels.clone().mul_(ops.per_sample(f, x)).add_(mean.mul_(ops.complement(f, x)))
     tables["Contrast"] = contrast.clamp_(0.0, 255.0).floor_()
     lo = x.amin(dim=(2, 3), keepdim=True)  # (N, 3, 1, 1)
@@ -341,7 +348,7 @@ def _value_tables(x: Tensor, column: Tensor, values: Tensor) -> Tensor:
     flat = ~torch.isfinite(scale)
     lo, scale = lo.masked_fill(flat, 0.0), scale.masked_fill(flat, 1.0)
     tables["AutoContrast"] = levels.clone().sub_(lo).mul_(scale).clamp_(0.0, 255.0).floor_()
-    tables["Equalize"] = _equalize_tables(x).unsqueeze(2)  # (N, 3, 1, 256)
+    tables["Equalize"] = _equalize_tables(x, index).unsqueeze(2)  # (N, 3, 1, 256)
     out = levels
     for name in _LUT_OPS:
         out = torch.where(chosen[name].view(n, 1, 1, 1), tables[name], out)
@@ -370,9 +377,10 @@ def randaugment_static_(x: Tensor, params: RandAugmentParams, interpolation: str
         )
         if interpolation != "nearest":
             x.round_()
-        x = _blend_color_sharpness_(x, column, values)
-        tables = _value_tables(x, column, values).view(n * c, 256)  # (N*3, 256)
+        gray = ops.grayscale(x)  # (N, 1, H, W): Color blends with it, Contrast with its mean
+        x = _blend_color_sharpness_(x, column, values, gray)  # Contrast samples are left as they were
         index = x.view(n * c, h * w).to(torch.int64)  # (N*3, H*W)
+        tables = _value_tables(x, index, gray, column, values).view(n * c, 256)  # (N*3, 256)
         x = tables.gather(1, index).view(n, c, h, w)
     return x
 
