@@ -310,7 +310,8 @@ def test_throughput_arms_count_their_images(tmp_path: Path, device: str, one_thr
     size = result["batch_sizes"]["8"]
     assert set(size["arms"]) == {"notebook", "resident", "model", "augment"}
     for name, arm in size["arms"].items():
-        assert arm["images"] == (64 if name == "augment" else 16)  # the augment arm runs 4x the steps
+        # the augment arm runs 4x the steps, the notebook arm a fifth (here its floor, 2)
+        assert arm["images"] == (64 if name == "augment" else 16)
         assert arm["images_per_s"] == pytest.approx(arm["images"] / arm["seconds"])
         assert name == "augment" or np.isfinite(arm["last_loss"])
     rate = {name: arm["images_per_s"] for name, arm in size["arms"].items()}
