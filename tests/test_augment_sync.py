@@ -23,7 +23,8 @@ STD = (0.2296, 0.2263, 0.2255)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# what reads a tensor's values on the host (a device sync on a GPU), as methods and as torch functions
+# what reads a tensor's values on the host (a device sync on a GPU), as methods and as torch functions, and
+# what makes a tensor of host data (a copy to a GPU, which waits for it too)
 SYNC_METHODS = (
     "item",
     "tolist",
@@ -45,6 +46,9 @@ SYNC_FUNCTIONS = (
     "repeat_interleave",
     "masked_select",
     "argwhere",
+    "tensor",
+    "as_tensor",
+    "from_numpy",
 )
 
 

@@ -397,7 +397,9 @@ def affine_grid_parts(theta: Tensor, h: int, w: int) -> tuple[Tensor, Tensor, Te
         ``(m, xs, ys)``: ``(N, 3, 2)`` rescaled matrices ``theta^T / (w / 2, h / 2)``, the ``(W,)`` and
         ``(H,)`` pixel-centre coordinates relative to the image centre (float32, on ``theta``'s device).
     """
-    half = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=theta.device)
+    half = torch.empty(2, dtype=torch.float32, device=theta.device)  # filled in place: no copy from the host
+    half[0].fill_(0.5 * w)
+    half[1].fill_(0.5 * h)
     rescaled = theta.transpose(1, 2) / half  # (N, 3, 2)
     xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=theta.device)
     ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=theta.device)

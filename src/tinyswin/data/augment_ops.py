@@ -290,7 +290,11 @@ def adjust_hue_(x: Tensor, factor: Tensor) -> Tensor:
     # route: red takes the max in sectors 0 and 5, the middle value in 1 and 4, the min in 2 and 3, i.e. by
     # the distance of the sector from 2.5 (2.5 max, 1.5 middle, 0.5 min); green and blue likewise by the
     # circular distance from 4.5 and 0.5
-    centres = torch.tensor([2.5, 4.5, 0.5], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    centres = torch.empty(
+        1, 3, 1, 1, dtype=x.dtype, device=x.device
+    )  # filled in place: no copy from the host
+    for channel, centre in enumerate((2.5, 4.5, 0.5)):
+        centres[:, channel].fill_(centre)
     temp = ws[6:9].permute(1, 0, 2, 3)  # (N, 3, H, W) view of three free planes
     rank = torch.sub(sector.unsqueeze(1), centres, out=x).abs_()  # the input is no longer needed
     torch.minimum(rank, torch.neg(rank, out=temp).add_(6.0), out=rank)
