@@ -195,10 +195,11 @@ def time_arm(
 def augment_waits_for_the_device(
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device
 ) -> str:
-    """Whether one batch of the data path synchronizes with the device ('no', or the error CUDA's sync debug
-    mode raised; 'not checked' off CUDA)."""
+    """Whether a batch of the data path (the gather and the augmentation) synchronizes with the device ('no',
+    or the error CUDA's sync debug mode raised; 'not checked' off CUDA)."""
     if device.type != "cuda":
         return "not checked (CUDA only)"
+    next(batches)  # the epoch's first batch copies the loader's permutation to the device: not the check's
     torch.cuda.set_sync_debug_mode("error")
     try:
         next(batches)

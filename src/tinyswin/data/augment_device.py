@@ -140,7 +140,8 @@ def sample_batch_mix(
     alpha = cfg.cutmix_alpha if mode == MIX_CUTMIX else cfg.mixup_alpha
     lam = rng.betavariate(alpha, alpha) if alpha > 0 else 1.0
     lam = min(max(lam, cfg.mix_lambda_clip[0]), cfg.mix_lambda_clip[1])
-    partner = torch.randperm(n, generator=generator, device=generator.device)
+    # a uniform permutation as the order of n uniform draws: sorted on the device whatever n is
+    partner = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).argsort()
     cut = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * cut), int(width * cut)
     cy, cx = rng.randrange(height), rng.randrange(width)
