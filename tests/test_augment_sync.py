@@ -254,3 +254,36 @@ def test_batch_mix_draws_follow_the_configured_probabilities_and_lambdas() -> No
         assert d.lam == 1 - (y2 - y1) * (x2 - x1) / 64**2
     assert all(d.lam == 1.0 for d in none)
     assert all(sorted(d.partner.tolist()) == list(range(8)) for d in draws[:50])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_path_never_waits_for_the_gpu_and_agrees_with_the_cpu() -> None:
+    """On a GPU: CUDA's sync debug mode raises on any synchronizing call (a read, a copy from the host) during
+    five batches; and the same parameters give the CPU's pixels (up to rounding ties, as the eager path)."""
+    augment = build_augment(augment_preset("seed", device_params=True, mixup_p=0.5), MEAN, STD, 10)
+    images, labels = batch(n=64)
+    gpu_images, gpu_labels = images.cuda(), labels.cuda()
+    augment.call_device(gpu_images, gpu_labels, seed=0)  # first use: generator, constant tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for seed in range(1, 6):
+            augment.call_device(gpu_images, gpu_labels, seed=seed)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    params = augment.sample(64, 64, 64, torch.Generator().manual_seed(7), mix=False)
+    cfg, out_hw = augment.config, augment.output_size(64, 64)
+
+    def pixels(x: torch.Tensor, device: str) -> torch.Tensor:
+        crop = type(params.crop)(*(t.to(device) for t in vars(params.crop).values()))
+        ra = type(params.randaug)(*(t.to(device) for t in vars(params.randaug).values()))
+        jitter = type(params.jitter)(
+            params.jitter.order.to(device), params.jitter.factors.to(device), params.jitter.enabled
+        )
+        x = dev.crop_static(to_float_nchw(x.to(device)), cfg, crop, params.flip.to(device), out_hw)
+        return dev.color_jitter_static_(
+            dev.randaugment_static_(x, ra, cfg.randaug_interpolation), jitter
+        ).cpu()
+
+    d = (pixels(images, "cuda") - pixels(images, "cpu")).abs()
+    assert (d > 1e-4).float().mean().item() < 0.002 and d.mean().item() < 0.05
