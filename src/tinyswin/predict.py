@@ -82,6 +82,8 @@ def preprocess(images: np.ndarray | torch.Tensor, info: ModelInfo) -> torch.Tens
     """uint8 (B, H, W, 3) images -> the model's float32 (B, 3, H', W') input: resized to the model's input
     size where it differs (antialiased, rounded, with the run's filter), then normalised; the same ops, in
     the same order, as the run's evaluation."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # e.g. a read-only memory map of a cache: torch wants writable memory
     x = to_float_nchw(torch.as_tensor(images))  # (B, 3, H, W) in [0, 255]
     x = resize(x, info.input_size, info.interpolation)  # (B, 3, H', W'), x itself when the size matches
     scale = torch.tensor([1.0 / (255.0 * s) for s in info.std], dtype=torch.float32)
