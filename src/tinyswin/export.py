@@ -419,7 +419,7 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if quantize is not None and (fmt != "onnx" or quantize not in QUANTIZE):
-        raise ValueError(f"--quantize {quantize} applies to --format onnx only, with one of {QUANTIZE}")
+        raise ValueError(f"--quantize {quantize}: quantization applies to --format onnx only, as int8")
     loaded = LoadedModel(checkpoint, device="cpu", ema=ema)
     target = Path(out) if out is not None else default_out(loaded.path, fmt, ema)
     if fmt == "safetensors":
