@@ -43,6 +43,12 @@ cache, so ``NativeBackend`` runs the compiled kernels of ``augment_native`` inst
 for bit): steps 1-4 in one call, one sample at a time while it is in cache, and per-batch Mixup/CutMix in
 place; a step its kernels cannot do exactly (a shrinking or bicubic crop, a padded crop, bilinear
 RandAugment warps, per-sample mixing) runs the eager op. Erasing is the same on both.
+
+For GPU runs, ``AugmentConfig.device_params`` switches to a third path (``augment_device``, through
+``Augment.call_device``): the parameters are drawn on the batch's device (seeded from one draw of the CPU
+generator) and every step runs on all samples with shapes fixed by the config, so that no batch waits for the
+device (no ``.item()``, ``.nonzero()``, boolean masks or copies from the host). For the same parameters it
+gives the eager path's crops, RandAugment and ColorJitter bit for bit; its random streams differ.
 """
 
 from __future__ import annotations
