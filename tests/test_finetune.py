@@ -237,17 +237,23 @@ def test_layer_decay_gives_each_depth_its_learning_rate() -> None:
 def test_the_finetune_preset_trains_from_init_weights(cache: Path, source, tmp_path: Path) -> None:
     path, _ = source
     preset = load_config("finetune")
-    cfg = load_config("finetune", None, [f"data.source={cache}", f"init={path}", "schedule.epochs=1",
-                                         "batch_size=16", "eval_batch_size=64", "threads=1"])  # fmt: skip
-    summary = train(cfg, tmp_path / "ft", progress=False, log=lambda _line: None)
+    assert preset.init is None and preset.optim.layer_decay == 1.0  # the measured recipe: no layer decay
+    overrides = [f"data.source={cache}", f"init={path}", "schedule.epochs=1", "batch_size=16", "threads=1"]
+    cfg = load_config("finetune", None, overrides)
+    lines: list[str] = []
+    summary = train(cfg, tmp_path / "ft", progress=False, log=lines.append)
     ckpt = load_checkpoint(tmp_path / "ft" / "last.pt")
-    assert ckpt["model_config"]["depths"] == [2, 1, 1, 1] and ckpt["model_config"]["embed_dim"] == 16
-    scales = sorted({g["lr_scale"] for g in ckpt["optimizer"]["param_groups"]})
-    layer_decay = preset.optim.layer_decay
-    assert layer_decay < 1.0
-    assert scales == pytest.approx(sorted(layer_decay**k for k in range(7)))  # 5 blocks: depths 0..6
-    assert ckpt["train_config"]["init"] == str(path)
-    assert summary["epochs"] == 1 and np.isfinite(ckpt["loop"]["history"][0]["train_loss"])
+    config = ckpt["model_config"]
+    assert (config["depths"], config["embed_dim"], config["num_heads"]) == ([2, 1, 1, 1], 16, [1, 2, 2, 4])
+    # the 32px images trained at the preset's 128px: grids 32, 16, 8, 4 -> windows fitted from 7
+    assert config["img_size"] == preset.augment.overrides["out_size"] == 128
+    assert config["window_size"] == [8, 8, 8, 4]
+    assert config["drop_path_rate"] == preset.model.overrides["drop_path_rate"]
+    assert any("windows 7-7-7-7 -> 8-8-8-4 at 128px" in line for line in lines)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and all("lr_scale" not in g for g in groups)
+    assert ckpt["train_config"]["init"] == str(path) and summary["epochs"] == 1
+    assert np.isfinite(ckpt["loop"]["history"][0]["train_loss"])
 
 
 def test_resume_does_not_read_the_init_weights_again(

@@ -254,7 +254,7 @@ def fit_window(grid: tuple[int, int], source: int) -> int:
 
     Examples: grid 16 with window 7 -> 8; grid 8 -> 8 (covers the map); grid 56 -> 7; grid 16 with 12 -> 16.
     """
-    largest = max(grid)
+    largest = max(*grid, 1)  # a grid of 0 (an input too small) is the model config's to refuse
     fits = [w for w in range(1, largest + 1) if all(s % w == 0 or w >= s for s in grid)]
     return min(fits, key=lambda w: (abs(w - source), -w))
 
@@ -285,9 +285,8 @@ def init_config(cfg: TrainConfig, weights: InitWeights, image_size: int) -> Trai
     size = overrides.get("img_size", train_resolution(cfg, image_size))
     pair = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     model = dict(weights.geometry)
-    model.setdefault("window_size", list(fit_windows(pair, weights.geometry["patch_size"], weights.windows)))
-    if "window_size" in overrides:
-        model["window_size"] = overrides["window_size"]
+    fitted = fit_windows(pair, weights.geometry["patch_size"], weights.windows)
+    model["window_size"] = overrides.get("window_size", fitted)
     model["shift_full_window"] = overrides.get("shift_full_window", weights.shift_full_window)
     return merge(cfg, {"model": {k: _plain(v) for k, v in model.items()}}, f"init {weights.source}")
 
