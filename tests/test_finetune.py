@@ -137,6 +137,14 @@ def test_init_from_a_timm_state_dict_file(cache: Path, source) -> None:
     assert any("windows 7-7-7-7 -> 8-4-2-1 at 32px; new head for 5 classes" in line for line in lines)
 
 
+def test_a_window_size_the_run_sets_is_kept_and_the_tables_resized_to_it(cache: Path, source) -> None:
+    path, state = source
+    cfg = load_config(None, None, [f"data.source={cache}", f"init={path}", "model.window_size=4", *TINY_RUN])
+    run = setup_run(cfg, DistContext(), say=lambda _line: None)
+    assert run.model.config.window_size == 4 and run.model.config.embed_dim == 16
+    _assert_holds_the_source(run.model, state, (4, 4, 2, 1))  # clamped to the 2x2 and 1x1 grids
+
+
 def test_init_from_timm_by_name_asks_timm_for_the_pretrained_weights(
     cache: Path, source, monkeypatch: pytest.MonkeyPatch
 ) -> None:
