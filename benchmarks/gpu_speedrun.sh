@@ -33,7 +33,7 @@
 #     --work DIR        persistent work folder: parts, joined zips, cache, run directory [runs/speedrun]
 #     --out DIR         where the summary and plots go (at most 8 files) [$OUT, else WORK/out]
 #     --preset NAME     training preset [speedrun]
-#     --budget SECONDS  training time budget, counted by the trainer across resumes [600]
+#     --budget SECONDS  training time budget, counted by the trainer across resumes [300: the 5-minute goal]
 #     --call-limit S    seconds this call may use in all; training stops in time for the evaluation [570]
 #     --python PY       Python with torch [.venv/bin/python if present, else python3]
 #     --throughput      also time train steps and the augmentation, data resident vs the notebook's
@@ -205,7 +205,7 @@ SUMS=""
 WORK="runs/speedrun"
 OUT_DIR="${OUT:-}"
 PRESET="speedrun"
-BUDGET=600
+BUDGET=300
 CALL_LIMIT=570
 PY=""
 THROUGHPUT=0

@@ -1,4 +1,5 @@
-"""`tinyswin predict` through each format (checkpoint, safetensors folder, ONNX), on files and folders."""
+"""`tinyswin predict` through each format (checkpoint, safetensors folder, ONNX, timm folder), on files and
+folders."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def test_each_format_names_the_same_class_with_the_same_probability(
         "checkpoint": [str(exports.checkpoint)],
         "safetensors": [str(exports.safetensors)],
         "onnx": ["--onnx", str(exports.onnx)],
+        "timm": [str(exports.timm)],  # through timm's own model
     }.items():
         capsys.readouterr()
         assert main(["predict", *args, *map(str, files), "--topk", "2", "--json"]) == 0

@@ -199,18 +199,14 @@ class _TrainHelp(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the `tinyswin` command."""
-    parser = argparse.ArgumentParser(
-        prog="tinyswin",
-        description="Train a Swin Transformer from scratch on small images.",
-    )
-    parser.add_argument("--version", action="version", version=f"tinyswin {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin info`."""
     p = sub.add_parser("info", help="list the model presets with parameters and FLOPs")
     p.set_defaults(func=cmd_info)
 
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin prepare SOURCE --out CACHE`."""
     p = sub.add_parser(
         "prepare",
         help="decode a dataset once into a uint8 cache",
@@ -238,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin train [--data ...] [key=value ...]`."""
     p = sub.add_parser(
         "train",
         add_help=False,
@@ -284,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_train)
 
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin download NAME`."""
     p = sub.add_parser(
         "download",
         help="download Tiny ImageNet, CIFAR-10 or CIFAR-100 (resumable, checksum-verified)",
@@ -311,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar and no notes")
     p.set_defaults(func=cmd_download)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin eval CHECKPOINT`."""
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss, top-1, top-5")
     p.add_argument("checkpoint", help="a .pt checkpoint, or a run directory (its best.pt, else last.pt)")
     p.add_argument("--data", default=None, help="cache or dataset (default: the run's own)")
@@ -328,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, top1, top5, ...)")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin predict MODEL IMAGE...`."""
     p = sub.add_parser(
         "predict",
         help="classify image files with a checkpoint, an exported folder or an ONNX file",
@@ -352,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin export CHECKPOINT --format ...`."""
     p = sub.add_parser(
         "export",
         help="export a trained model: safetensors folder, ONNX file or timm model folder",
@@ -385,9 +396,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin plot RUN_DIR`."""
     p = sub.add_parser("plot", help="redraw the loss, accuracy and learning-rate plots of a run")
     p.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
     p.set_defaults(func=cmd_plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `tinyswin` command."""
+    parser = argparse.ArgumentParser(
+        prog="tinyswin",
+        description="Train a Swin Transformer from scratch on small images.",
+    )
+    parser.add_argument("--version", action="version", version=f"tinyswin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_info(sub)
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_download(sub)
+    _add_eval(sub)
+    _add_predict(sub)
+    _add_export(sub)
+    _add_plot(sub)
     return parser
 
 

@@ -208,18 +208,7 @@ def train_one_epoch(
         images += n * dist.world_size
         step_loss = all_reduce_(step_loss.double(), dist) / dist.world_size
         nonfinite = ~torch.isfinite(step_loss)
-        skip = nonfinite | tally.stopped()
-        if on_host:
-            take = not bool(skip)
-            if take:
-                _optimizer_step(model, optimizer, scaler, cfg.optim.grad_clip)
-            if ema is not None and take:
-                ema_update(ema, unwrap(model), cfg.ema.decay, skip)
-        else:
-            _clip(model, optimizer, scaler, cfg.optim.grad_clip)
-            masked_step(optimizer, skip)
-            if ema is not None:
-                ema_update(ema, unwrap(model), cfg.ema.decay, skip)
+        _apply_step(model, optimizer, scaler, ema, cfg, nonfinite | tally.stopped(), on_host)
         tally.add(step_loss, nonfinite)
         if done % cfg.sync_every == 0 or done == steps:
             _account(state, tally, first_step + done, cfg, epoch, lr)
@@ -245,6 +234,29 @@ def train_one_epoch(
         nonfinite=nonfinite_steps,
         lr=lr,
     )
+
+
+def _apply_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: nn.Module | None,
+    cfg: TrainConfig,
+    skip: torch.Tensor,
+    on_host: bool,
+) -> None:
+    """The optimizer step and the EMA update, skipped where `skip` (a 0-d bool on the device) is set: read on
+    the host when `on_host`, else applied as a mask on the device with no host read."""
+    if on_host:
+        if not bool(skip):
+            _optimizer_step(model, optimizer, scaler, cfg.optim.grad_clip)
+            if ema is not None:
+                ema_update(ema, unwrap(model), cfg.ema.decay, skip)
+        return
+    _clip(model, optimizer, scaler, cfg.optim.grad_clip)
+    masked_step(optimizer, skip)
+    if ema is not None:
+        ema_update(ema, unwrap(model), cfg.ema.decay, skip)
 
 
 def _forward_backward(

@@ -32,7 +32,7 @@ from tinyswin.checkpoint import TEMP_MARKER, atomic_write
 from tinyswin.config import to_dict
 from tinyswin.errors import TinyswinError
 from tinyswin.evaluate import LoadedModel
-from tinyswin.exported import CONFIG_FILE, WEIGHTS_FILE, ModelInfo, folder_config
+from tinyswin.exported import CONFIG_FILE, TIMM_INFO_KEY, WEIGHTS_FILE, ModelInfo, folder_config
 from tinyswin.extras import require
 from tinyswin.interop import to_timm
 from tinyswin.model import WindowAttention
@@ -361,6 +361,7 @@ def timm_config(info: ModelInfo, kwargs: dict[str, Any], num_features: int) -> d
         },
         "label_names": info.class_ids,
         "label_descriptions": dict(zip(info.class_ids, info.class_names, strict=True)),
+        TIMM_INFO_KEY: {**info.to_json(), "train_config": None},  # what `tinyswin predict` needs besides timm
     }
 
 

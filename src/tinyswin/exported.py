@@ -24,6 +24,7 @@ from tinyswin.model import SwinConfig, SwinTransformer
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 LIBRARY = "tinyswin"
+TIMM_INFO_KEY = "tinyswin"  # in a timm model folder's config.json: the ModelInfo of the model it came from
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,41 @@ def folder_config(info: ModelInfo) -> dict[str, Any]:
         "label_descriptions": dict(zip(info.class_ids, info.class_names, strict=True)),
         **info.to_json(),
     }
+
+
+def is_timm_export(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a timm model folder written by `tinyswin export --format timm` (config.json with
+    timm's `architecture` and `model_args` and tinyswin's ModelInfo, and model.safetensors)."""
+    path = Path(path)
+    if not ((path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text())
+        return isinstance(data.get(TIMM_INFO_KEY), dict) and "architecture" in data and "model_args" in data
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_timm_export(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, ModelInfo]:
+    """The timm model of a folder written by `tinyswin export --format timm` (in eval mode, on the CPU) and
+    the ModelInfo of the model it came from.
+
+    Raises:
+        MissingExtraError: timm or safetensors is not installed.
+        TinyswinError: the folder's files are not what the export writes.
+    """
+    file = Path(path) / CONFIG_FILE
+    data = json.loads(file.read_text())
+    info = ModelInfo.from_json(data[TIMM_INFO_KEY], str(file))
+    timm = require("timm", "timm", "a timm model folder")
+    safetensors_torch = require("safetensors.torch", "export", "reading a safetensors model")
+    try:
+        model = timm.create_model(data["architecture"], pretrained=False, **data["model_args"])
+        model.load_state_dict(safetensors_torch.load_file(str(Path(path) / WEIGHTS_FILE)))
+    except Exception as exc:  # timm and safetensors raise many kinds on a config or file they cannot use
+        reason = " ".join(str(exc).split())[:300]
+        raise TinyswinError(f"{path}: timm cannot build this model folder ({reason})") from None
+    return model.eval(), info
 
 
 def read_exported(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], ModelInfo]:

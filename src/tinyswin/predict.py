@@ -23,7 +23,7 @@ from tinyswin.data.augment_geometry import resize
 from tinyswin.data.imagefolder import decode_image, image_extensions, is_image_name
 from tinyswin.evaluate import LoadedModel
 from tinyswin.export import info_from_onnx_metadata, model_info, ort_logits, ort_session
-from tinyswin.exported import ModelInfo
+from tinyswin.exported import ModelInfo, is_timm_export, load_timm_export
 
 BATCH = 64
 
@@ -98,7 +98,7 @@ class Classifier:
     Attributes:
         info: classes, normalisation and sizes.
         logits: float32 (B, 3, H', W') on the CPU -> float32 (B, K) logits on the CPU.
-        kind: 'pytorch' or 'onnxruntime'.
+        kind: 'pytorch', 'onnxruntime' or 'timm'.
     """
 
     info: ModelInfo
@@ -107,10 +107,12 @@ class Classifier:
 
 
 def open_classifier(path: str | os.PathLike[str], *, device: str = "auto", ema: bool = False) -> Classifier:
-    """A Classifier from a .pt checkpoint, a run directory, an exported folder or an .onnx file.
+    """A Classifier from a .pt checkpoint, a run directory, an exported folder (safetensors or timm) or an
+    .onnx file.
 
     Args:
-        path: the model; a file ending in .onnx runs through ONNX Runtime on the CPU.
+        path: the model; a file ending in .onnx runs through ONNX Runtime on the CPU, a timm model folder
+            (`export --format timm`) through timm on the CPU.
         device: PyTorch models: 'auto', 'cpu', 'cuda', ...
         ema: checkpoints: the EMA weights.
     """
@@ -123,6 +125,13 @@ def open_classifier(path: str | os.PathLike[str], *, device: str = "auto", ema: 
         session = ort_session(path)
         info = info_from_onnx_metadata(dict(session.get_modelmeta().custom_metadata_map), str(path))
         return Classifier(info, lambda x: torch.from_numpy(ort_logits(session, x.numpy())), "onnxruntime")
+    if is_timm_export(path):
+        if ema:
+            raise ValueError(
+                f"{path}: a timm model folder holds the weights it was exported with: leave out --ema"
+            )
+        timm_model, info = load_timm_export(path)
+        return Classifier(info, torch.no_grad()(lambda x: timm_model(x).float()), "timm")
     loaded = LoadedModel(path, device=device, ema=ema)
 
     @torch.no_grad()
