@@ -73,6 +73,7 @@ class DataConfig:
     val_split: Literal["val", "holdout"] = "val"  # the split that picks best.pt
     mean: tuple[float, float, float] | None = None  # normalisation (0..1 scale); None: the cache's own
     std: tuple[float, float, float] | None = None
+    repeats: int = 1  # repeated augmentation: a train batch holds k augmented copies of batch_size/k images
 
 
 @dataclass
@@ -101,6 +102,7 @@ class ScheduleConfig:
     step: Literal["iteration", "epoch"] = "iteration"  # the learning rate changes every iteration or epoch
     mix_off_first_epochs: int = 1  # Mixup/CutMix off in the first N epochs
     mix_off_last_epochs: int = 0  # and in the last M
+    shape: Literal["cosine", "linear"] = "cosine"  # after the warm-up: cosine, or a straight line, to min_lr
 
 
 @dataclass
@@ -485,6 +487,7 @@ def check_ranges(cfg: TrainConfig, origin: str | Mapping[str, str] = "config") -
         value = _get(cfg, key)
         if not allowed.check(value):
             raise ConfigError(f"{_origin_of(origin, key)}: {key}={_shown(value)}: expected {allowed.text}")
+    _check_repeats(cfg, origin)
     _check_augment(cfg, origin)
     _check_model(cfg, origin)
 
@@ -512,6 +515,17 @@ def _origin_of(origin: str | Mapping[str, str], key: str, related: tuple[str, ..
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _check_repeats(cfg: TrainConfig, origin: str | Mapping[str, str]) -> None:
+    """`data.repeats` copies of each image fill every micro-batch: batch_size / accumulation divides by it."""
+    repeats, accumulation = cfg.data.repeats, cfg.accumulation
+    if repeats > 1 and cfg.batch_size % (accumulation * repeats):
+        where = _origin_of(origin, "data.repeats", ("batch_size", "accumulation"))
+        batch = f"batch_size={cfg.batch_size}"
+        if accumulation > 1:
+            batch += f" / accumulation={accumulation}"
+        raise ConfigError(f"{where}: data.repeats={repeats}: {batch} is not divisible by it")
 
 
 def _check_augment(cfg: TrainConfig, origin: str | Mapping[str, str]) -> None:

@@ -1,4 +1,4 @@
-"""Optimiser parameter groups and the warm-up + cosine learning-rate schedule."""
+"""Optimiser parameter groups and the learning-rate schedule: warm-up, then cosine or linear decay."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 REL_POS_KEYWORD = "relative_position_bias_table"
+SHAPES = ("cosine", "linear")  # the decay after the warm-up (`schedule.shape`)
 
 
 def layer_id(name: str, depths: Sequence[int]) -> int:
@@ -134,16 +135,24 @@ def schedule_lr(
     warmup_epochs: float,
     warmup_start: float,
     min_lr: float,
+    shape: str = "cosine",
 ) -> float:
-    """Learning rate at time `t` (in epochs, fractional): linear warm-up, then cosine to `min_lr`.
+    """Learning rate at time `t` (in epochs, fractional): linear warm-up, then a decay to `min_lr`.
 
-    Warm-up goes linearly from `warmup_start * peak_lr` at t = 0 to `peak_lr` at t = warmup_epochs; the cosine
-    then runs over the remaining `epochs - warmup_epochs` epochs (torch's LinearLR, then CosineAnnealingLR).
+    Warm-up goes linearly from `warmup_start * peak_lr` at t = 0 to `peak_lr` at t = warmup_epochs; the decay
+    then runs over the remaining `epochs - warmup_epochs` epochs, with progress p going from 0 to 1:
+    'cosine' is `min_lr + (peak_lr - min_lr) * (1 + cos(pi * p)) / 2` (torch's LinearLR, then
+    CosineAnnealingLR), 'linear' is `min_lr + (peak_lr - min_lr) * (1 - p)` (a straight line; `min_lr` 0
+    ends at zero).
     """
+    if shape not in SHAPES:
+        raise ValueError(f"schedule shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     if warmup_epochs > 0 and t < warmup_epochs:
         return peak_lr * (warmup_start + (1.0 - warmup_start) * t / warmup_epochs)
     span = max(epochs - warmup_epochs, 1e-12)
     progress = min(max(t - warmup_epochs, 0.0) / span, 1.0)
+    if shape == "linear":
+        return min_lr + (peak_lr - min_lr) * (1.0 - progress)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -160,8 +169,9 @@ def lr_at_step(
 
     Args:
         step: the step.
-        segments: `{"from_step", "epochs", "warmup_epochs", "per_iteration"}` in order of `from_step`, the
-            first from 0: each holds from its step until the next one's (`WarmupCosine.segments`).
+        segments: `{"from_step", "epochs", "warmup_epochs", "per_iteration", "shape"}` in order of
+            `from_step`, the first from 0: each holds from its step until the next one's
+            (`WarmupCosine.segments`; a segment without "shape", recorded before the key existed, is cosine).
         peak_lr, warmup_start, min_lr: see `schedule_lr`.
         iters_per_epoch: optimizer steps per epoch.
     """
@@ -174,21 +184,23 @@ def lr_at_step(
         warmup_epochs=seg["warmup_epochs"],
         warmup_start=warmup_start,
         min_lr=min_lr,
+        shape=seg.get("shape", "cosine"),
     )
 
 
 class WarmupCosine:
-    """Warm-up + cosine schedule defined in epochs and applied every iteration (or every epoch).
+    """Warm-up + decay (cosine, or linear) schedule defined in epochs, applied every iteration (or epoch).
 
     Call `step()` after each optimizer step. The state is the number of steps taken, so a resumed schedule
-    continues exactly.
+    continues exactly. The shape is part of every recorded segment, so the lr plot and a resumed run follow
+    it; a time budget's `reschedule` changes the length and keeps the shape.
 
     Args:
         optimizer: its groups' "lr" is set on construction and by every `step()` (times the group's
             "lr_scale" where it has one).
         peak_lr: the learning rate at the end of warm-up (after the scaling rule).
         iters_per_epoch: optimizer steps per epoch.
-        epochs, warmup_epochs, warmup_start, min_lr: see `schedule_lr`.
+        epochs, warmup_epochs, warmup_start, min_lr, shape: see `schedule_lr`.
         per_iteration: False holds the rate constant within an epoch (the notebook's per-epoch stepping).
     """
 
@@ -203,9 +215,12 @@ class WarmupCosine:
         warmup_start: float = 0.01,
         min_lr: float = 0.0,
         per_iteration: bool = True,
+        shape: str = "cosine",
     ) -> None:
         if iters_per_epoch < 1:
             raise ValueError(f"iters_per_epoch must be >= 1, got {iters_per_epoch}")
+        if shape not in SHAPES:
+            raise ValueError(f"schedule shape must be one of {', '.join(SHAPES)}, got {shape!r}")
         self.optimizer = optimizer
         self.peak_lr = peak_lr
         self.iters_per_epoch = iters_per_epoch
@@ -214,6 +229,7 @@ class WarmupCosine:
         self.warmup_start = warmup_start
         self.min_lr = min_lr
         self.per_iteration = per_iteration
+        self.shape = shape
         self.steps = 0
         self.segments: list[dict[str, Any]] = []  # the schedule's changes, see `lr_at_step`
         self._record_segment()
@@ -224,6 +240,7 @@ class WarmupCosine:
             "epochs": self.epochs,
             "warmup_epochs": self.warmup_epochs,
             "per_iteration": self.per_iteration,
+            "shape": self.shape,
         }
 
     def _record_segment(self) -> None:
@@ -284,8 +301,8 @@ class WarmupCosine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state["steps"]` (the other parameters come from the config; a schedule that differs
-        from the saved one holds from this step on)."""
+        from the saved one holds from this step on; saved segments without a shape are cosine)."""
         self.steps = int(state["steps"])
-        self.segments = [dict(seg) for seg in state.get("segments", [])]
+        self.segments = [{"shape": "cosine", **seg} for seg in state.get("segments", [])]
         self._record_segment()
         self._apply()

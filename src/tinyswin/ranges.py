@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 VAL_SPLITS = ("val", "holdout")
 SCHEDULE_STEPS = ("iteration", "epoch")
+SCHEDULE_SHAPES = ("cosine", "linear")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TTA_MODES = ("none", "flip")
 
@@ -105,6 +106,7 @@ RANGES: Mapping[str, Range] = types.MappingProxyType(
         "data.val_split": choice(VAL_SPLITS),
         "data.mean": items(3, interval(0, 1), null="null (the cache's own)"),
         "data.std": items(3, interval(0, open_low=True), null="null (the cache's own)"),
+        "data.repeats": interval(1, integer=True),
         "optim.lr": interval(0, open_low=True),
         "optim.lr_base_batch": interval(1, integer=True),
         "optim.betas": items(2, interval(0, 1, open_high=True)),
@@ -121,6 +123,7 @@ RANGES: Mapping[str, Range] = types.MappingProxyType(
         "schedule.step": choice(SCHEDULE_STEPS),
         "schedule.mix_off_first_epochs": interval(0, integer=True),
         "schedule.mix_off_last_epochs": interval(0, integer=True),
+        "schedule.shape": choice(SCHEDULE_SHAPES),
         "ema.enabled": boolean(),
         "ema.decay": interval(0, 1, open_high=True),
         "batch_size": interval(1, integer=True),

@@ -214,7 +214,9 @@ def _loaders(
         )
     images, labels = cache.split("train")
     shard = {"rank": dist.rank, "world_size": dist.world_size, "device": device}
-    loader = BatchLoader(images, labels, micro, shuffle=True, drop_last=True, seed=cfg.seed, **shard)
+    loader = BatchLoader(
+        images, labels, micro, shuffle=True, drop_last=True, seed=cfg.seed, repeats=cfg.data.repeats, **shard
+    )
     iters_per_epoch = len(loader) // cfg.accumulation
     if iters_per_epoch < 1:
         raise ValueError(f"the train split ({len(labels)} images) is smaller than one global batch")
@@ -311,7 +313,7 @@ def setup_run(
     scheduler = WarmupCosine(
         optimizer, cfg.peak_lr(), iters_per_epoch=iters_per_epoch, epochs=sched.epochs,
         warmup_epochs=sched.warmup_epochs, warmup_start=sched.warmup_start, min_lr=sched.min_lr,
-        per_iteration=sched.step == "iteration",
+        per_iteration=sched.step == "iteration", shape=sched.shape,
     )  # fmt: skip
     train_model, eval_model = wrap_model(model, cfg.compile, dist, device, cfg.compile_mode)
     run = Run(

@@ -13,6 +13,18 @@ Order and sharding (``N`` images, ``W = world_size`` processes, per-rank batch s
   correct predictions and counts) with an all-reduce after the loop, not per batch.
 
 The permutation does not advance by itself: call :meth:`BatchLoader.set_epoch` before each epoch.
+
+Repeated augmentation (``repeats=k > 1``, training only; Hoffer et al. 2020, "Augment your batch", as DeiT
+trains): each batch of ``B`` holds ``B / k`` images of the rank's shard, each ``k`` times in a row
+(``[a, a, a, b, b, b, ...]``); the augmentation draws per sample, so the copies are augmented differently.
+The epoch keeps its number of steps, so it takes the first ``num_samples / k`` images of the rank's shard of
+the same seeded permutation (about ``N / k`` distinct images, each ``k`` times; another ``N / k`` the next
+epoch). DeiT's ``RASampler`` (timm's ``RepeatAugSampler``) interleaves the repeats the same way but then
+strides them across the ranks (``indices[rank::W]``), so the ``k`` copies of an image land on different
+processes and the repetition shows only in the global batch (with one process, consecutively in its
+batch); it also cuts each rank's epoch to ``N // 256 * 256 / W`` samples. Here the copies stay within one
+rank's (micro-)batch, so a batch's make-up is the same with any number of processes, and the shards stay
+disjoint as above.
 """
 
 from __future__ import annotations
@@ -48,6 +60,8 @@ class BatchLoader:
         world_size: number of processes sharing the epoch.
         device: where the split lives and the batches are gathered. On CUDA, a split that does not fit on the
             device stays in pinned CPU memory and each batch is copied over (``self.resident`` is then False).
+        repeats: copies of each image in a batch (repeated augmentation, see the module's notes); 1: none.
+            More than 1 needs ``drop_last`` and a ``batch_size`` divisible by it.
 
     Yields:
         (images uint8 (B, H, W, 3), labels int64 (B,)) on ``device``.
@@ -65,6 +79,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
+        repeats: int = 1,
     ) -> None:
         is_uint8 = images.dtype == (torch.uint8 if isinstance(images, torch.Tensor) else np.uint8)
         if images.ndim != 4 or images.shape[-1] != 3 or not is_uint8:
@@ -73,6 +88,10 @@ class BatchLoader:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images.shape[0]} images")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if repeats < 1 or (repeats > 1 and not drop_last):
+            raise ValueError(f"repeats={repeats}: expected 1, or more for training batches (drop_last=True)")
+        if batch_size % repeats:
+            raise ValueError(f"repeats={repeats}: a batch of {batch_size} per process is not divisible by it")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
         if drop_last and images.shape[0] // world_size < batch_size:
@@ -86,6 +105,7 @@ class BatchLoader:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.repeats = repeats
         self.device = torch.device(device)
         self.epoch = 0
         self.num_total = int(images.shape[0])
@@ -115,6 +135,11 @@ class BatchLoader:
             return (self.num_total // self.world_size) // self.batch_size * self.batch_size
         return len(range(self.rank, self.num_total, self.world_size))
 
+    @property
+    def num_distinct(self) -> int:
+        """Distinct images this rank yields per epoch (``num_samples / repeats``)."""
+        return self.num_samples // self.repeats
+
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
         return -(-self.num_samples // self.batch_size)
@@ -133,7 +158,8 @@ class BatchLoader:
         return torch.randperm(self.num_total, generator=generator)
 
     def indices(self, epoch: int | None = None) -> torch.Tensor:
-        """The sample indices this rank yields in an epoch, in order (batch after batch).
+        """The sample indices this rank yields in an epoch, in order (batch after batch); with ``repeats``,
+        the shard's first ``num_distinct`` indices, each ``repeats`` times in a row.
 
         Returns:
             int64 (num_samples,) on the CPU.
@@ -142,6 +168,8 @@ class BatchLoader:
         if self.drop_last:
             order = order[: self.num_total // self.world_size * self.world_size]
         shard = order[self.rank :: self.world_size]
+        if self.repeats > 1:
+            return shard[: self.num_distinct].repeat_interleave(self.repeats)  # (num_samples,)
         return shard[: self.num_samples]
 
     def _gather(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
