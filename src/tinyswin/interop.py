@@ -76,7 +76,8 @@ def from_timm(
     Args:
         model_or_state_dict: A `timm.models.swin_transformer.SwinTransformer`, its state dict, or an official
             Swin checkpoint's "model" dict.
-        config: The tinyswin architecture; widths, depths and heads must match the source.
+        config: The tinyswin architecture; widths, depths and heads must match the source, and its stem must
+            be "patch".
 
     Returns:
         A SwinTransformer (on the CPU, float32) with the source's weights; relative position tables are
@@ -88,6 +89,8 @@ def from_timm(
         state = dict(model_or_state_dict)
     else:
         raise ValueError(f"from_timm: expected a timm model or a state dict, got {type(model_or_state_dict)}")
+    if config.stem != "patch":
+        raise ValueError(f"from_timm: config.stem={config.stem!r}, and timm's Swin has a patch embedding")
     model = SwinTransformer(config)
     model.load_state_dict(map_state_dict(state, model))
     return model
@@ -161,6 +164,8 @@ TIMM_ARCHITECTURE = "swin_tiny_patch4_window7_224"
 def _timm_problem(model: SwinTransformer) -> str | None:
     """Why timm's SwinTransformer cannot build the same network as `model`, or None."""
     config = model.config
+    if config.stem != "patch":
+        return f"stem is {config.stem!r} and timm's Swin embeds patches with one convolution"
     if not config.patch_norm:
         return "patch_norm is false and timm always normalises the patch embedding"
     height, width = config.img_size if isinstance(config.img_size, tuple) else (config.img_size,) * 2

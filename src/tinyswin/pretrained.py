@@ -209,6 +209,10 @@ def infer_geometry(state: Mapping[str, torch.Tensor], source: str) -> tuple[dict
     Raises:
         TinyswinError: not the weights of a Swin Transformer (v1) tinyswin can build.
     """
+    if any(key.startswith("patch_embed.convs.") for key in state):
+        raise TinyswinError(
+            f"init={source}: the weights of a conv stem (model.stem=conv); --init takes a patch embedding's"
+        )
     foreign = sorted(k for k in state if _FOREIGN.search(k))
     proj = state.get("patch_embed.proj.weight")
     if proj is None or proj.ndim != 4 or foreign:
@@ -276,6 +280,11 @@ def init_config(cfg: TrainConfig, weights: InitWeights, image_size: int) -> Trai
         ConfigError: an override of the model contradicts the weights' geometry.
     """
     overrides = cfg.model.overrides
+    if overrides.get("stem", "patch") != "patch":  # no preset has another stem
+        raise ConfigError(
+            f"model.stem={overrides['stem']!r} contradicts the init weights ({weights.source}), "
+            "which have a patch embedding (stem 'patch')"
+        )
     for name in WEIGHT_FIELDS:
         if name in overrides and _plain(overrides[name]) != _plain(weights.geometry[name]):
             raise ConfigError(
