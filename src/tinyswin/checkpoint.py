@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinyswin.errors import DISK_FULL_ERRNOS, disk_full_cause, disk_full_error, disk_full_reason
+from tinyswin.errors import (
+    DISK_FULL_ERRNOS,
+    disk_full_cause,
+    disk_full_error,
+    disk_full_reason,
+    first_line,
+)
 
 FORMAT = 1  # the layout below; a checkpoint of another format is refused on load
 REQUIRED_KEYS = ("format", "model", "model_config", "class_names")
@@ -217,16 +223,23 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
             f"{path}: refused: not a plain-data checkpoint (loading it would run code or build objects "
-            f"outside weights_only): {reason}"
+            f"outside weights_only): {first_line(exc)}"
         ) from None
     except Exception as exc:  # torch.load raises many kinds on a file that is not a checkpoint
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         size = path.stat().st_size
         what = "an empty file" if size == 0 else f"a file of {size} bytes that torch.load cannot read"
-        raise ValueError(f"{path}: not a tinyswin checkpoint ({what}: {reason})") from None
+        raise ValueError(f"{path}: not a tinyswin checkpoint ({what}: {first_line(exc)})") from None
+    return check_checkpoint(ckpt, path)
+
+
+def check_checkpoint(ckpt: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """`ckpt` (what torch.load gave for `path`), checked to be a tinyswin checkpoint of this format.
+
+    Raises:
+        ValueError: it lacks a checkpoint's keys, or has another format.
+    """
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a tinyswin checkpoint (expected keys {REQUIRED_KEYS}, found {have})")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tinyswin.errors import Interrupted, TinyswinError
+from tinyswin.errors import Interrupted, TinyswinError, one_line
 from tinyswin.version import __version__
 
 
@@ -467,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except (TinyswinError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = one_line(exc)
         print(f"tinyswin {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,17 @@ import os
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (runs of whitespace joined), or its type's name when it has none."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class TinyswinError(Exception):
     """A problem with what the user asked for or gave (a value, a file, a run directory); the message says
     what, where, and what to do."""

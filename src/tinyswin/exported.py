@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tinyswin.checkpoint import FORMAT
-from tinyswin.errors import TinyswinError
+from tinyswin.errors import TinyswinError, one_line
 from tinyswin.extras import require
 from tinyswin.model import SwinConfig, SwinTransformer
 
@@ -171,7 +171,7 @@ def load_timm_export(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Mod
         model = timm.create_model(data["architecture"], pretrained=False, **data["model_args"])
         model.load_state_dict(safetensors_torch.load_file(str(Path(path) / WEIGHTS_FILE)))
     except Exception as exc:  # timm and safetensors raise many kinds on a config or file they cannot use
-        reason = " ".join(str(exc).split())[:300]
+        reason = one_line(exc)[:300]
         raise TinyswinError(f"{path}: timm cannot build this model folder ({reason})") from None
     return model.eval(), info
 
@@ -233,6 +233,6 @@ def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        reason = " ".join(str(exc).split())[:300]
+        reason = one_line(exc)[:300]
         raise TinyswinError(f"{path}: the weights do not fit its config.json ({reason})") from None
     return model.to(device).eval()

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from tinyswin.checkpoint import load_checkpoint
+from tinyswin.checkpoint import check_checkpoint, load_checkpoint
 from tinyswin.config import TrainConfig, merge, train_resolution
-from tinyswin.errors import ConfigError, TinyswinError
+from tinyswin.errors import ConfigError, TinyswinError, first_line, one_line
 from tinyswin.evaluate import resolve_checkpoint
 from tinyswin.exported import WEIGHTS_FILE, is_exported, read_exported
 from tinyswin.extras import require
@@ -123,7 +123,7 @@ def _timm_state(name: str) -> dict[str, torch.Tensor]:
         model = timm.create_model(name, pretrained=True)
     except Exception as exc:  # a download or a file in timm's cache that failed, whatever its kind
         raise TinyswinError(
-            f"init=timm:{name}: timm could not load its pretrained weights: {_line(exc)}"
+            f"init=timm:{name}: timm could not load its pretrained weights: {one_line(exc)}"
         ) from None
     swin = timm.models.swin_transformer.SwinTransformer
     if not isinstance(model, swin):
@@ -145,7 +145,7 @@ def _path_state(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         if (path / WEIGHTS_FILE).is_file():  # a timm model folder (`tinyswin export --format timm`, hubs)
             return _read_safetensors(path / WEIGHTS_FILE), False
         if (path / "best.pt").is_file() or (path / "last.pt").is_file():
-            return _read_tinyswin(resolve_checkpoint(path))
+            return _tinyswin_state(load_checkpoint(resolve_checkpoint(path)))
         raise TinyswinError(f"init={path}: a folder without {WEIGHTS_FILE}, best.pt or last.pt")
     if path.suffix == ".safetensors":
         if path.name == WEIGHTS_FILE and is_exported(path.parent):
@@ -158,18 +158,18 @@ def _path_state(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise TinyswinError(f"init={path}: refused: loading it would run code ({_first_line(exc)})") from None
+        raise TinyswinError(f"init={path}: refused: loading it would run code ({first_line(exc)})") from None
     except Exception as exc:  # torch.load raises many kinds on a file that is not a checkpoint
         raise TinyswinError(
-            f"init={path}: not a weights file torch.load can read ({_first_line(exc)})"
+            f"init={path}: not a weights file torch.load can read ({first_line(exc)})"
         ) from None
     if isinstance(data, dict) and "format" in data and "model_config" in data:
-        return _read_tinyswin(path)
+        return _tinyswin_state(check_checkpoint(data, path))
     return _unwrap(data, path), False
 
 
-def _read_tinyswin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    ckpt = load_checkpoint(path)
+def _tinyswin_state(ckpt: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool]:
+    """The weights of a tinyswin checkpoint and its shift rule."""
     return dict(ckpt["model"]), bool(ckpt["model_config"].get("shift_full_window", False))
 
 
@@ -178,7 +178,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return dict(st.load_file(str(path), device="cpu"))
     except Exception as exc:  # safetensors raises its own kinds on a damaged file
-        raise TinyswinError(f"init={path}: not a readable safetensors file ({_line(exc)})") from None
+        raise TinyswinError(f"init={path}: not a readable safetensors file ({one_line(exc)})") from None
 
 
 def _unwrap(data: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -309,7 +309,7 @@ def load_init(model: SwinTransformer, weights: InitWeights) -> None:
     try:
         model.load_state_dict(map_state_dict(weights.state, model, fresh=HEAD_KEYS))
     except ValueError as exc:
-        raise TinyswinError(f"init={weights.source}: {_line(exc).removeprefix('from_timm: ')}") from None
+        raise TinyswinError(f"init={weights.source}: {one_line(exc).removeprefix('from_timm: ')}") from None
 
 
 def describe_init(weights: InitWeights, model_config: Any) -> str:
@@ -329,13 +329,3 @@ def describe_init(weights: InitWeights, model_config: Any) -> str:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def _line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

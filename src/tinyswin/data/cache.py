@@ -41,7 +41,14 @@ from typing import Any
 import numpy as np
 
 from tinyswin.data.decode import channel_histogram
-from tinyswin.errors import DiskFullError, TinyswinError, disk_full_cause, disk_full_error, disk_full_reason
+from tinyswin.errors import (
+    DiskFullError,
+    TinyswinError,
+    disk_full_cause,
+    disk_full_error,
+    disk_full_reason,
+    one_line,
+)
 from tinyswin.version import __version__
 
 FORMAT_VERSION = 1
@@ -149,10 +156,6 @@ class Cache:
         return int(self.meta["image_size"])
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _damaged(path: Path, what: str) -> str:
     return f"damaged tinyswin cache {path}: {what}; delete the folder and prepare it again"
 
@@ -195,7 +198,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DamagedCacheError(
-            _damaged(path, f"meta.json is unreadable or truncated ({_one_line(exc)})")
+            _damaged(path, f"meta.json is unreadable or truncated ({one_line(exc)})")
         ) from exc
     if not isinstance(meta, dict) or "format_version" not in meta:
         raise DamagedCacheError(_damaged(path, "meta.json is not a cache's metadata (no format_version)"))
@@ -224,7 +227,7 @@ def _check_array(path: Path, file_name: str, shape: tuple[int, ...], dtype: type
         array = np.load(file, mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:
         raise DamagedCacheError(
-            _damaged(path, f"{file_name} is truncated or unreadable ({_one_line(exc)})")
+            _damaged(path, f"{file_name} is truncated or unreadable ({one_line(exc)})")
         ) from exc
     if array.shape != shape:
         raise DamagedCacheError(
@@ -367,7 +370,7 @@ def new_partial(out: Path) -> Path:
         if full is not None:
             raise full from exc
         raise ValueError(
-            f"cannot create the cache folder {out} ({exc.strerror or _one_line(exc)}); choose another --out"
+            f"cannot create the cache folder {out} ({exc.strerror or one_line(exc)}); choose another --out"
         ) from exc
     return tmp
 

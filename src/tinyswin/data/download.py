@@ -34,7 +34,7 @@ from typing import BinaryIO
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from tinyswin.errors import TinyswinError, disk_full_cause, disk_full_error, disk_full_reason
+from tinyswin.errors import TinyswinError, disk_full_cause, disk_full_error, disk_full_reason, one_line
 from tinyswin.paths import cache_root
 from tinyswin.version import __version__
 
@@ -186,7 +186,7 @@ def _reason(exc: BaseException) -> str:
         return f"host not found ({exc.strerror})"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return one_line(exc)
 
 
 def _mb(n: int) -> str:

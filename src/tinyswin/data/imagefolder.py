@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from tinyswin.errors import one_line
+
 # Formats Pillow registers for reading that are not pictures one can train on (containers, stubs, vector).
 _NOT_IMAGES = frozenset(
     {".bufr", ".eps", ".ps", ".emf", ".wmf", ".fit", ".fits", ".grib", ".h5", ".hdf", ".mpeg", ".mpg"}
@@ -111,10 +113,6 @@ class SourceTree:
         return found
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _parent(rel: str) -> str:
     return rel.rsplit("/", 1)[0] if "/" in rel else ""
 
@@ -153,7 +151,7 @@ class SourceReader:
             data = self.read(rel)
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             hint = "the archive may be damaged: download it again" if self.tree.is_zip else "check the file"
-            raise ValueError(f"cannot read {self.tree.where(rel)} ({_one_line(exc)}); {hint}") from exc
+            raise ValueError(f"cannot read {self.tree.where(rel)} ({one_line(exc)}); {hint}") from exc
         return data.decode("utf-8", errors="replace")
 
     def close(self) -> None:
@@ -246,7 +244,7 @@ def list_source(source: str | os.PathLike[str]) -> SourceTree:
             files, folders = _list_zip(path)
     except OSError as exc:
         where = exc.filename or path
-        raise ValueError(f"cannot read the source {where} ({exc.strerror or _one_line(exc)})") from exc
+        raise ValueError(f"cannot read the source {where} ({exc.strerror or one_line(exc)})") from exc
     is_zip = not path.is_dir()
     files = {rel: size for rel, size in files.items() if not _ignored(rel)}
     if not files:
