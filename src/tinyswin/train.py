@@ -148,6 +148,11 @@ class Run:
         self.train_model.train()
         return seconds
 
+    def mix_on(self) -> bool:
+        """Whether Mixup/CutMix may be applied in the coming epoch (off in the first and last ones asked)."""
+        schedule, epoch = self.schedule, self.state.epoch
+        return schedule.mix_off_first_epochs <= epoch < schedule.epochs - schedule.mix_off_last_epochs
+
     def warm_up(self) -> float:
         """Compile and warm up before the clock starts; returns the seconds it took.
 
@@ -160,13 +165,12 @@ class Run:
         restore = snapshot_training(
             self.model, self.optimizer, self.scheduler, self.scaler, self.ema, self.state
         )
-        schedule, epoch = self.schedule, self.state.epoch
-        mix = schedule.mix_off_first_epochs <= epoch < schedule.epochs - schedule.mix_off_last_epochs
         try:
             train_one_epoch(
                 self.train_model, self.loader, self.augment, self.optimizer, self.scheduler, self.scaler,
-                self.state, cfg=self.cfg, epoch=epoch, mix=mix, device=self.device, amp_dtype=self.amp_dtype,
-                ema=self.ema, dist=self.dist, max_steps=min(self.cfg.warmup_steps, self.iters_per_epoch),
+                self.state, cfg=self.cfg, epoch=self.state.epoch, mix=self.mix_on(), device=self.device,
+                amp_dtype=self.amp_dtype, ema=self.ema, dist=self.dist,
+                max_steps=min(self.cfg.warmup_steps, self.iters_per_epoch),
             )  # fmt: skip
             for loader in self.eval_loaders.values():  # evaluation pads its last batch: one shape a split
                 evaluate(self.eval_model, iter([next(iter(loader))]), self.normalize,
@@ -398,7 +402,7 @@ def run_epoch(
     """
     state, schedule = run.state, run.schedule
     epoch = state.epoch
-    mix = schedule.mix_off_first_epochs <= epoch < schedule.epochs - schedule.mix_off_last_epochs
+    mix = run.mix_on()
     start = time.perf_counter()
     bar = _progress_bar(run.iters_per_epoch, f"epoch {epoch + 1}/{schedule.epochs}", progress)
     if budget is not None:
