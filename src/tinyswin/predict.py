@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinyswin.data.augment_backend import normalize_, to_float_nchw
+from tinyswin.data.augment_backend import normalization_constants, normalize_, to_float_nchw
 from tinyswin.data.augment_geometry import resize
 from tinyswin.data.imagefolder import decode_image, image_extensions, is_image_name
 from tinyswin.evaluate import LoadedModel
@@ -86,9 +86,7 @@ def preprocess(images: np.ndarray | torch.Tensor, info: ModelInfo) -> torch.Tens
         images = images.copy()  # e.g. a read-only memory map of a cache: torch wants writable memory
     x = to_float_nchw(torch.as_tensor(images))  # (B, 3, H, W) in [0, 255]
     x = resize(x, info.input_size, info.interpolation)  # (B, 3, H', W'), x itself when the size matches
-    scale = torch.tensor([1.0 / (255.0 * s) for s in info.std], dtype=torch.float32)
-    shift = torch.tensor([m / s for m, s in zip(info.mean, info.std, strict=True)], dtype=torch.float32)
-    return normalize_(x, (scale, shift))
+    return normalize_(x, normalization_constants(info.mean, info.std))
 
 
 @dataclass

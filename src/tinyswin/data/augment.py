@@ -66,6 +66,7 @@ from tinyswin.data.augment_backend import (
     EagerBackend,
     NativeBackend,
     channels_first,
+    normalization_constants,
     normalize_,
     to_float_nchw,
 )
@@ -263,15 +264,11 @@ class Augment:
         return backend.color_jitter_normalize(x, params.jitter, normalization)
 
     def _normalization(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(scale, shift)``: float32 ``(3,)`` tensors on ``device``, ``scale = 1 / (255 std)``,
-        ``shift = mean / std`` (made once per device: a copy to a GPU waits for it)."""
+        """`augment_backend.normalization_constants` on ``device``, made once per device (a copy to a GPU
+        waits for it)."""
         key = str(device)
         if key not in self._normalizations:
-            scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=device)
-            shift = torch.tensor(
-                [m / s for m, s in zip(self.mean, self.std, strict=True)], dtype=torch.float32, device=device
-            )
-            self._normalizations[key] = (scale, shift)
+            self._normalizations[key] = normalization_constants(self.mean, self.std, device)
         return self._normalizations[key]
 
     def apply(self, images: Tensor, labels: Tensor, params: AugmentParams) -> tuple[Tensor, Tensor]:

@@ -73,6 +73,16 @@ def to_float_nchw(images: Tensor) -> Tensor:
     return channels_first(images).to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
+def normalization_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` for `normalize_`: float32 ``(3,)`` tensors on ``device``, ``scale = 1 / (255 std)``,
+    ``shift = mean / std``."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)
+    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32, device=device)
+    return scale, shift
+
+
 def normalize_(x: Tensor, normalization: tuple[Tensor, Tensor]) -> Tensor:
     """In place: ``x * scale - shift`` per channel, i.e. ``(x / 255 - mean) / std``.
 
