@@ -274,11 +274,11 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, (ModelSection, AugmentSection)):
-            out[f.name] = {"preset": value.preset, **{k: _plain(v) for k, v in value.overrides.items()}}
+            out[f.name] = {"preset": value.preset, **{k: plain_data(v) for k, v in value.overrides.items()}}
         elif dataclasses.is_dataclass(value):
-            out[f.name] = {g.name: _plain(getattr(value, g.name)) for g in dataclasses.fields(value)}
+            out[f.name] = {g.name: plain_data(getattr(value, g.name)) for g in dataclasses.fields(value)}
         else:
-            out[f.name] = _plain(value)
+            out[f.name] = plain_data(value)
     return out
 
 
@@ -296,11 +296,12 @@ def to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
+    """A value as YAML and JSON hold it: tuples (nested too) as lists."""
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain_data(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_data(v) for k, v in value.items()}
     return value
 
 
@@ -501,7 +502,7 @@ def _get(cfg: TrainConfig, key: str) -> Any:
 
 def _shown(value: Any) -> str:
     """A value as the messages show it: YAML's lists for tuples, quotes around strings."""
-    return repr(_plain(value))
+    return repr(plain_data(value))
 
 
 def _origin_of(origin: str | Mapping[str, str], key: str, related: tuple[str, ...] = ()) -> str:
@@ -633,7 +634,7 @@ def eval_size(model_config: SwinConfig, image_size: int) -> tuple[int, int] | No
 
 def plain_model_config(model_config: SwinConfig) -> dict[str, Any]:
     """A SwinConfig as a plain dict (lists for tuples), the form stored in checkpoints."""
-    return {f.name: _plain(getattr(model_config, f.name)) for f in dataclasses.fields(model_config)}
+    return {f.name: plain_data(getattr(model_config, f.name)) for f in dataclasses.fields(model_config)}
 
 
 def expand(cfg: TrainConfig, num_classes: int, image_size: int) -> TrainConfig:
@@ -644,9 +645,8 @@ def expand(cfg: TrainConfig, num_classes: int, image_size: int) -> TrainConfig:
     """
     model = plain_model_config(build_model_config(cfg, num_classes, image_size))
     del model["num_classes"]
-    augment = {
-        f.name: _plain(getattr(build_augment_config(cfg), f.name)) for f in dataclasses.fields(AugmentConfig)
-    }
+    augment_config = build_augment_config(cfg)
+    augment = {f.name: plain_data(getattr(augment_config, f.name)) for f in dataclasses.fields(AugmentConfig)}
     return merge(cfg, {"model": model, "augment": augment}, "expanded config")
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from tinyswin.checkpoint import check_checkpoint, load_checkpoint
-from tinyswin.config import TrainConfig, merge, train_resolution
+from tinyswin.config import TrainConfig, merge, plain_data, train_resolution
 from tinyswin.errors import ConfigError, TinyswinError, first_line, one_line
 from tinyswin.evaluate import resolve_checkpoint
 from tinyswin.exported import WEIGHTS_FILE, is_exported, read_exported
@@ -286,10 +286,11 @@ def init_config(cfg: TrainConfig, weights: InitWeights, image_size: int) -> Trai
             "which have a patch embedding (stem 'patch')"
         )
     for name in WEIGHT_FIELDS:
-        if name in overrides and _plain(overrides[name]) != _plain(weights.geometry[name]):
+        if name in overrides and plain_data(overrides[name]) != plain_data(weights.geometry[name]):
+            asked, have = plain_data(overrides[name]), plain_data(weights.geometry[name])
             raise ConfigError(
-                f"model.{name}={_plain(overrides[name])!r} contradicts the init weights ({weights.source}), "
-                f"which have {name} {_plain(weights.geometry[name])!r}"
+                f"model.{name}={asked!r} contradicts the init weights ({weights.source}), "
+                f"which have {name} {have!r}"
             )
     size = overrides.get("img_size", train_resolution(cfg, image_size))
     pair = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -297,7 +298,7 @@ def init_config(cfg: TrainConfig, weights: InitWeights, image_size: int) -> Trai
     fitted = fit_windows(pair, weights.geometry["patch_size"], weights.windows)
     model["window_size"] = overrides.get("window_size", fitted)
     model["shift_full_window"] = overrides.get("shift_full_window", weights.shift_full_window)
-    return merge(cfg, {"model": {k: _plain(v) for k, v in model.items()}}, f"init {weights.source}")
+    return merge(cfg, {"model": {k: plain_data(v) for k, v in model.items()}}, f"init {weights.source}")
 
 
 def load_init(model: SwinTransformer, weights: InitWeights) -> None:
@@ -325,7 +326,3 @@ def describe_init(weights: InitWeights, model_config: Any) -> str:
         f"{dashed(model_config.stage_windows)} at {model_config.img_size}px; new head for "
         f"{model_config.num_classes} classes"
     )
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
