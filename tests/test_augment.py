@@ -23,6 +23,7 @@ from tinyswin.data import augment_geometry as geo
 from tinyswin.data import augment_mix as mixing
 from tinyswin.data import augment_ops as ops
 from tinyswin.data import augment_policy as policy
+from tinyswin.data import augment_table as table
 from tinyswin.data.augment import Augment, AugmentConfig, augment_preset, augment_preset_names, build_augment
 
 MEAN = (0.4802, 0.4481, 0.3975)
@@ -114,6 +115,24 @@ def test_geometric_ops_match_torchvision(images: torch.Tensor, op: str, interpol
         assert worst == 0.0
     else:  # rounding ties of bilinear weights
         assert worst <= 1.0 and frac < 0.01 and mae <= 1.0 / 255.0
+
+
+@pytest.mark.parametrize(("num_bins", "height", "width"), [(31, 64, 48), (11, 32, 32)])
+def test_the_op_table_is_torchvisions_augmentation_space(num_bins: int, height: int, width: int) -> None:
+    space = T.RandAugment()._augmentation_space(num_bins, (height, width))
+    assert tuple(space) == table.RANDAUGMENT_OPS  # torchvision's order: an op draw indexes both alike
+    bins = torch.arange(num_bins, dtype=torch.float64)
+    for row in table.RANDAUGMENT:
+        magnitudes, signed = space[row.name]
+        assert row.signed == signed, row.name
+        expected = magnitudes.double().expand(num_bins)  # a 0-d tensor: the op takes no argument
+        assert torch.equal(row.values(bins, num_bins, height, width), expected), row.name
+    kinds = {name: table.op_row(name).kind for name in space}
+    assert {name for name, kind in kinds.items() if kind is table.Geometric} == set(GEOMETRIC)
+    assert {name for name, kind in kinds.items() if kind is table.Blend} == {"Color", "Sharpness"}
+    assert table.op_row("Identity").identity and not table.op_row("Equalize").identity
+    with pytest.raises(ValueError, match="unknown RandAugment op 'Invert'"):
+        table.op_row("Invert")
 
 
 @pytest.mark.parametrize("magnitude_std", [0.0, 1.5])

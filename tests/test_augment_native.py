@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from tinyswin.data import augment_geometry as geo
 from tinyswin.data import augment_mix as mixing
 from tinyswin.data import augment_native as native
 from tinyswin.data import augment_policy as policy
+from tinyswin.data import augment_table as table
 from tinyswin.data.augment import AugmentConfig, augment_preset, build_augment
 from tinyswin.data.augment_backend import EagerBackend, NativeBackend
 
@@ -200,6 +203,35 @@ def test_native_backend_falls_back_step_by_step_and_agrees(kernels, overrides) -
             imgs, labels, torch.Generator().manual_seed(seed)
         )
         assert torch.equal(x1, x2) and torch.equal(t1, t2)
+
+
+def test_the_kernels_op_codes_are_the_tables() -> None:
+    """augment_kernels.c names each op's code (ShearX: OP_SHEAR_X) in an enum that must equal the table's
+    kernel_code column, and its switch must have a case for each; read from the source, no compiler needed."""
+    source = (Path(native.__file__).parent / "augment_kernels.c").read_text()
+    enum = re.search(r"enum randaugment_op \{(.*?)\};", source, re.S)
+    switch = re.search(r"static void randaugment_one\(.*?switch \(op\) \{(.*?)\n    \}", source, re.S)
+    assert enum is not None and switch is not None
+    codes = {name: int(code) for name, code in re.findall(r"(OP_\w+) = (\d+)", enum.group(1))}
+    words = {row.name: re.sub(r"(?<=[a-z])(?=[A-Z])", "_", row.name) for row in table.RANDAUGMENT}
+    expected = {f"OP_{words[row.name].upper()}": row.kernel_code for row in table.RANDAUGMENT}
+    assert codes == expected and "OP_AUTO_CONTRAST" in codes  # the names are read as written
+    assert len(set(codes.values())) == len(codes)
+    assert set(re.findall(r"case (OP_\w+):", switch.group(1))) == set(codes)
+    assert torch.equal(table.kernel_codes(), torch.tensor([row.kernel_code for row in table.RANDAUGMENT]))
+
+
+def test_the_kernels_get_each_ops_code_from_the_table(kernels, monkeypatch) -> None:
+    x = smooth_images(6, size=16).float()
+    ops = torch.full((6,), table.RANDAUGMENT_OPS.index("Identity"))
+    zero = torch.zeros(6, dtype=torch.float64)
+    assert torch.equal(kernels.randaugment_slot_(x.clone(), ops, zero), x)
+    codes = table.kernel_codes().clone()
+    codes[table.RANDAUGMENT_OPS.index("Identity")] = table.op_row("Equalize").kernel_code
+    monkeypatch.setattr(native, "kernel_codes", lambda: codes)  # a table whose Identity runs Equalize's case
+    equalized = policy.apply_randaugment_op(x, "Equalize", zero)
+    assert not torch.equal(equalized, x)
+    assert torch.equal(kernels.randaugment_slot_(x.clone(), ops, zero), equalized)
 
 
 def test_kernels_refuse_batches_they_cannot_take(kernels) -> None:

@@ -10,8 +10,8 @@ The pipeline, in the notebook's order:
 
 1. crop: ``RandomResizedCrop`` (``crop='rrc'``), ``RandomCrop`` with zero padding (``crop='pad'``) or none
    (``crop='none'``, a plain resize when ``out_size`` differs from the stored size); horizontal flip.
-2. ``RandAugment`` (torchvision's 14 ops and magnitude bins, per-sample ops and signs, optional magnitude
-   std).
+2. ``RandAugment`` (torchvision's 14 ops and magnitude bins, one row each in ``augment_table``; per-sample
+   ops and signs, optional magnitude std).
 3. ``ColorJitter`` (brightness, contrast, saturation, hue; per-sample order of the four).
 4. to float in [0, 1] and ``Normalize(mean, std)``.
 5. ``RandomErasing`` (per-pixel normal noise or a constant).

@@ -14,10 +14,11 @@ Here nothing does:
 - Every step runs on all samples with per-sample parameters and shapes fixed by the config
   (``apply_device``): the crop is one ``grid_sample`` (or the antialiased matrix product where a crop may
   shrink), each RandAugment slot is one ``grid_sample`` for all geometric ops (the identity for the other
-  samples), one blend for Color and Sharpness, and one table look-up for the ops that map each value
-  through a per-sample, per-channel table (Identity, Brightness, Contrast, Posterize, Solarize,
-  AutoContrast, Equalize), all ops' tables built at once on ``(N, 3, 256)`` values; ColorJitter's hue step
-  and erasing are selections (``torch.where``) instead of gathers.
+  samples), one blend for the blend ops (Color, Sharpness) and one table look-up for the lookup ops, which
+  map each value through a per-sample, per-channel table (Identity, Brightness, Contrast, Posterize,
+  Solarize, AutoContrast, Equalize), every op's tables built by running it on the 256 levels (the kinds of
+  ``augment_table``); ColorJitter's hue step and erasing are selections (``torch.where``) instead of
+  gathers.
 
 Given the same parameters, crops, RandAugment and ColorJitter give the eager path's values bit for bit
 (tests/test_augment_sync.py checks it), so torchvision's; erasing fills its boxes from a dense noise batch
@@ -30,7 +31,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -41,7 +41,6 @@ from tinyswin.data import augment_ops as ops
 from tinyswin.data.augment_backend import normalize_, to_float_nchw
 from tinyswin.data.augment_config import AugmentConfig
 from tinyswin.data.augment_geometry import (
-    AFFINE_OPS,
     CropBoxes,
     _affine_grid,
     _clamped_grid,
@@ -64,24 +63,14 @@ from tinyswin.data.augment_mix import (
     soft_targets,
 )
 from tinyswin.data.augment_policy import (
-    RANDAUGMENT_OPS,
     ColorJitterParams,
     RandAugmentParams,
     sample_color_jitter,
     sample_randaugment,
 )
+from tinyswin.data.augment_table import Blend, Lookup, Views, affine_codes, rows_of
 
 __all__ = ["BatchMix", "DeviceParams", "apply_device", "sample_batch_mix", "sample_device"]
-
-_OP = {name: k for k, name in enumerate(RANDAUGMENT_OPS)}
-_LUT_OPS = ("Brightness", "Contrast", "Posterize", "Solarize", "AutoContrast", "Equalize")
-
-
-@lru_cache(maxsize=8)
-def _affine_codes(device: str) -> Tensor:
-    """``(14,)`` int64: each RandAugment op's index in ``AFFINE_OPS``, or ``len(AFFINE_OPS)`` (identity)."""
-    codes = [AFFINE_OPS.index(name) if name in AFFINE_OPS else len(AFFINE_OPS) for name in RANDAUGMENT_OPS]
-    return torch.tensor(codes, device=device)
 
 
 @dataclass
@@ -275,84 +264,60 @@ def crop_static(
 # RandAugment
 
 
-def _blend_color_sharpness_(x: Tensor, column: Tensor, values: Tensor, gray: Tensor) -> Tensor:
-    """In place: Color (blend with the gray image ``gray`` (N, 1, H, W) of ``x``) and Sharpness (with the
-    smoothed image) for the samples that drew them; every other sample is blended with factor 1, which leaves
-    it as it is."""
+def _blend_slot_(x: Tensor, column: Tensor, values: Tensor, views: Views) -> Tensor:
+    """In place: the blend ops (``augment_table.Blend``) for the samples that drew them, as one blend of every
+    sample with its op's degenerate image; every other sample is blended with factor 1, which leaves it as
+    it is.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers; overwritten.
+        column, values: the slot's ops and arguments, ``(N,)`` each.
+        views: ``x``'s views (the degenerate images are made from them).
+
+    Returns:
+        ``x``.
+    """
     n = x.shape[0]
-    is_color = (column == _OP["Color"]).view(n, 1, 1, 1)
-    is_sharp = (column == _OP["Sharpness"]).view(n, 1, 1, 1)
-    if x.shape[-1] <= 2 or x.shape[-2] <= 2:  # no interior: torchvision leaves such images as they are
-        is_sharp = torch.zeros_like(is_sharp)
-    factor = torch.where((is_color | is_sharp).view(n), 1.0 + values, torch.ones_like(values))
-    degenerate = x.clone()  # Sharpness: the smoothed interior, the border kept (torchvision's degenerate)
-    if x.shape[-1] > 2 and x.shape[-2] > 2:
-        rows = x[:, :, :-2] + x[:, :, 1:-1]  # (N, 3, H-2, W)
-        rows.add_(x[:, :, 2:])
-        box = rows[..., :-2] + rows[..., 1:-1]  # (N, 3, H-2, W-2)
-        box.add_(rows[..., 2:]).add_(x[:, :, 1:-1, 1:-1], alpha=4.0).div_(13.0).round_().clamp_(0.0, 255.0)
-        degenerate[:, :, 1:-1, 1:-1] = box
-    degenerate = torch.where(is_color, gray, degenerate)  # (N, 3, H, W)
-    weighted = degenerate.mul_(ops.complement(factor, x))
+    blended = torch.zeros_like(column, dtype=torch.bool)
+    degenerate, fresh = None, False
+    for k, row in rows_of(Blend):
+        image = row.op.degenerate(views)
+        if image is None:  # the op leaves images of this size as they are
+            continue
+        chosen = column == k
+        blended |= chosen
+        if degenerate is not None:
+            degenerate, fresh = torch.where(chosen.view(n, 1, 1, 1), image, degenerate), True
+        else:
+            degenerate = image
+    if degenerate is None:
+        return x
+    factor = torch.where(blended, 1.0 + values, torch.ones_like(values))
+    weight = ops.complement(factor, x)
+    # a row's own image (the gray image, which Contrast reads after) is not overwritten; a selection may be
+    weighted = degenerate.mul_(weight) if fresh else degenerate * weight
     return x.mul_(ops.per_sample(factor, x)).add_(weighted).clamp_(0.0, 255.0).floor_()
 
 
-def _equalize_tables(x: Tensor, values: Tensor) -> Tensor:
-    """``(N, 3, 256)`` float32: each channel's histogram-equalisation table (``augment_ops.equalize_``);
-    ``values`` is ``x`` as int64 ``(N*3, H*W)``."""
-    n, c, h, w = x.shape
-    offsets = torch.arange(n * c, device=x.device).mul_(256).unsqueeze(1)  # (N*3, 1)
-    flat = (values + offsets).view(-1)
-    ones = torch.ones(1, dtype=torch.int64, device=x.device).expand(flat.numel())
-    hist = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device).scatter_add_(0, flat, ones)
-    hist = hist.view(n * c, 256)
-    top = hist.gather(1, values.amax(dim=1, keepdim=True))  # (N*3, 1): count of the last non-empty bin
-    step = torch.div(h * w - top, 255, rounding_mode="floor")
-    safe = step.clamp(min=1)
-    lut = torch.div(hist.cumsum(1) + torch.div(safe, 2, rounding_mode="floor"), safe, rounding_mode="floor")
-    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], dim=1).clamp_(0, 255)
-    identity = torch.arange(256, device=x.device).expand_as(lut)
-    return torch.where(step == 0, identity, lut).to(x.dtype).view(n, c, 256)
-
-
-def _value_tables(x: Tensor, index: Tensor, gray: Tensor, column: Tensor, values: Tensor) -> Tensor:
-    """``(N, 3, 256)`` float32: the table of each sample's op among Identity, Brightness, Contrast, Posterize,
-    Solarize, AutoContrast and Equalize (the identity for the other ops), built by running every op on the
-    256 values (``augment_ops``' arithmetic, so each entry is what the op gives that value).
+def _lookup_tables(views: Views, column: Tensor, values: Tensor) -> Tensor:
+    """``(N, 3, 256)`` float32: the table of each sample's lookup op (``augment_table.Lookup``; the identity
+    for the other ops), built by running every lookup op on the 256 levels with statistics of ``views``.
 
     Args:
-        x: ``(N, 3, H, W)`` float32 whole numbers; ``index``: the same as int64 ``(N*3, H*W)``.
-        gray: ``(N, 1, H, W)`` gray image of ``x`` where Contrast was drawn (its mean is what it blends with).
+        views: the images ``(N, 3, H, W)``, float32 whole numbers, and their views.
         column, values: the slot's ops and arguments, ``(N,)`` each.
     """
+    x = views.x
     n = x.shape[0]
-    levels = (
-        torch.arange(256, dtype=x.dtype, device=x.device).expand(n, 3, 1, 256).contiguous()
-    )  # (N,3,1,256)
-    chosen = {name: column == _OP[name] for name in _LUT_OPS}  # (N,) bool each
-    one = torch.ones_like(values)
-    tables = {
-        "Brightness": ops.adjust_brightness_(
-            levels.clone(), torch.where(chosen["Brightness"], 1.0 + values, one)
-        ),
-        "Posterize": ops.posterize_(
-            levels.clone(), torch.where(chosen["Posterize"], values, 8.0).to(torch.int64)
-        ),
-        "Solarize": ops.solarize_(levels.clone(), torch.where(chosen["Solarize"], values, 256.0)),
-    }
-    f = torch.where(chosen["Contrast"], 1.0 + values, one)
-    mean = gray.mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
-    contrast = levels.clone().mul_(ops.per_sample(f, x)).add_(mean.mul_(ops.complement(f, x)))
-    tables["Contrast"] = contrast.clamp_(0.0, 255.0).floor_()
-    lo = x.amin(dim=(2, 3), keepdim=True)  # (N, 3, 1, 1)
-    scale = 255.0 / (x.amax(dim=(2, 3), keepdim=True) - lo)
-    flat = ~torch.isfinite(scale)
-    lo, scale = lo.masked_fill(flat, 0.0), scale.masked_fill(flat, 1.0)
-    tables["AutoContrast"] = levels.clone().sub_(lo).mul_(scale).clamp_(0.0, 255.0).floor_()
-    tables["Equalize"] = _equalize_tables(x, index).unsqueeze(2)  # (N, 3, 1, 256)
-    out = levels
-    for name in _LUT_OPS:
-        out = torch.where(chosen[name].view(n, 1, 1, 1), tables[name], out)
+    levels = torch.arange(256, dtype=x.dtype, device=x.device).expand(n, 3, 1, 256).contiguous()
+    out = levels  # (N, 3, 1, 256)
+    for k, row in rows_of(Lookup):
+        if row.identity:
+            continue
+        chosen = column == k
+        arg = torch.where(chosen, values, 0.0)  # a finite argument for the samples whose table is not kept
+        stats = None if row.op.stats is None else row.op.stats(views)
+        out = torch.where(chosen.view(n, 1, 1, 1), row.op.map_(levels.clone(), stats, arg), out)
     return out.view(n, 3, 256)
 
 
@@ -368,8 +333,8 @@ def randaugment_static_(x: Tensor, params: RandAugmentParams, interpolation: str
     Returns:
         float32 ``(N, 3, H, W)`` (``x`` overwritten where possible).
     """
-    n, c, h, w = x.shape
-    codes = _affine_codes(str(x.device))
+    h, w = x.shape[-2:]
+    codes = affine_codes(str(x.device))
     for slot in range(params.ops.shape[1]):
         column, values = params.ops[:, slot], params.values[:, slot]  # (N,), (N,)
         theta = affine_from_codes(codes[column], values, h, w)  # (N, 2, 3); identity for non-geometric ops
@@ -378,11 +343,11 @@ def randaugment_static_(x: Tensor, params: RandAugmentParams, interpolation: str
         )
         if interpolation != "nearest":
             x.round_()
-        gray = ops.grayscale(x)  # (N, 1, H, W): Color blends with it, Contrast with its mean
-        x = _blend_color_sharpness_(x, column, values, gray)  # Contrast samples are left as they were
-        index = x.view(n * c, h * w).to(torch.int64)  # (N*3, H*W)
-        tables = _value_tables(x, index, gray, column, values).view(n * c, 256)  # (N*3, 256)
-        x = tables.gather(1, index).view(n, c, h, w)
+        views = Views(x, sync_free=True)  # its gray image: Color blends with it, Contrast with its mean
+        x = _blend_slot_(x, column, values, views)
+        # the blend changed only the samples that drew a blend op, whose gray image no lookup op reads
+        views = Views(x, views.gray, sync_free=True)
+        x = ops.lookup_(x, _lookup_tables(views, column, values), views.values)
     return x
 
 

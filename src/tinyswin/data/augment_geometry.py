@@ -14,14 +14,13 @@ How the results relate to torchvision's uint8 tensor ops (``torchvision.transfor
   torchvision's antialiased separable filter exactly, as two batched matrix products with per-sample
   weight matrices. Either way the result is rounded like torchvision's cast back to uint8; float rounding
   of the weights can move a value that lies on a .5 tie by one level.
-- ``warp_affine`` with the matrices of ``randaugment_affine`` equals torchvision's ``affine`` / ``rotate``
+- ``warp_affine`` with the matrices of ``affine_from_codes`` equals torchvision's ``affine`` / ``rotate``
   on tensors (same grid, same ``grid_sample``, fill 0).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,13 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "AFFINE_OPS",
+    "AFFINE_PARAMS",
     "CropBoxes",
     "affine_from_codes",
     "affine_grid_parts",
     "crop_source_coords",
     "pad_crop",
-    "randaugment_affine",
     "resize",
     "resized_crop",
     "sample_pad_crop",
@@ -329,42 +327,24 @@ def resize(x: Tensor, out_hw: tuple[int, int], interpolation: str = "bilinear") 
     return out.clamp_(0.0, 255.0).round_()
 
 
-AFFINE_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")  # RandAugment's geometric ops
+# the parameters of torchvision's affine transform that a geometric RandAugment op sets, one per op
+AFFINE_PARAMS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 
 
-def randaugment_affine(ops: str | Sequence[str], magnitude: Tensor, height: int, width: int) -> Tensor:
-    """Inverse affine matrices of RandAugment's geometric ops, as torchvision builds them for tensors.
+def affine_from_codes(code: Tensor, magnitude: Tensor, height: int, width: int) -> Tensor:
+    """Inverse affine matrices of RandAugment's geometric ops, as torchvision builds them for tensors, on the
+    tensors' device.
 
     Args:
-        ops: one op name for all samples, or one per sample: 'ShearX', 'ShearY', 'TranslateX',
-            'TranslateY', 'Rotate'.
+        code: ``(N,)`` int64: the parameter each sample's op sets, an index into ``AFFINE_PARAMS``; any other
+            code (e.g. ``len(AFFINE_PARAMS)``) gives the identity matrix.
         magnitude: ``(N,)`` signed magnitudes as passed to torchvision's ``_apply_op`` (shear factor,
             pixels, or degrees).
         height, width: image size.
 
     Returns:
-        ``(N, 2, 3)`` float32 CPU matrices mapping centred output pixel coordinates to input coordinates.
-    """
-    names = [ops] * len(magnitude) if isinstance(ops, str) else list(ops)
-    if set(names) - set(AFFINE_OPS) or len(names) != len(magnitude):
-        raise ValueError(
-            f"randaugment_affine: expected {len(magnitude)} names from {AFFINE_OPS}, got {names}"
-        )
-    code = torch.tensor([AFFINE_OPS.index(name) for name in names], dtype=torch.int64)
-    return affine_from_codes(code, magnitude, height, width)
-
-
-def affine_from_codes(code: Tensor, magnitude: Tensor, height: int, width: int) -> Tensor:
-    """``randaugment_affine`` with the ops given as indices into ``AFFINE_OPS``, on the tensors' device; any
-    other code (e.g. ``len(AFFINE_OPS)``) gives the identity matrix.
-
-    Args:
-        code: ``(N,)`` int64 op indices.
-        magnitude: ``(N,)`` signed magnitudes.
-        height, width: image size.
-
-    Returns:
-        ``(N, 2, 3)`` float32 inverse matrices on ``code``'s device.
+        ``(N, 2, 3)`` float32 matrices on ``code``'s device, mapping centred output pixel coordinates to
+        input coordinates.
     """
     m = magnitude.double()
     zero = torch.zeros_like(m)
@@ -426,7 +406,7 @@ def warp_affine(x: Tensor, theta: Tensor, interpolation: str = "nearest") -> Ten
 
     Args:
         x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255].
-        theta: ``(N, 2, 3)`` float32 matrices from ``randaugment_affine`` (CPU).
+        theta: ``(N, 2, 3)`` float32 matrices from ``affine_from_codes``.
         interpolation: 'nearest' or 'bilinear' (rounded back to whole numbers).
 
     Returns:

@@ -336,32 +336,52 @@ static void translate(float *img, int64_t dx, int64_t dy, int64_t h, int64_t w, 
     }
 }
 
-/* One RandAugment op (index into torchvision's 14 ops) with argument v on one image. With warp != 0,
- * ShearX, ShearY and Rotate warp by matrix (see warp_nearest; xs, ys: torchvision's grid bases) and
- * TranslateX / TranslateY shift by trunc(v) pixels; with warp == 0 the caller does the geometric ops. */
+/* The RandAugment ops' codes: the kernel_code column of augment_table.RANDAUGMENT, op ShearX as OP_SHEAR_X
+ * (tests/test_augment_native.py checks that the two agree and that the switch below has a case for each). */
+enum randaugment_op {
+    OP_IDENTITY = 0,
+    OP_SHEAR_X = 1,
+    OP_SHEAR_Y = 2,
+    OP_TRANSLATE_X = 3,
+    OP_TRANSLATE_Y = 4,
+    OP_ROTATE = 5,
+    OP_BRIGHTNESS = 6,
+    OP_COLOR = 7,
+    OP_CONTRAST = 8,
+    OP_SHARPNESS = 9,
+    OP_POSTERIZE = 10,
+    OP_SOLARIZE = 11,
+    OP_AUTO_CONTRAST = 12,
+    OP_EQUALIZE = 13,
+};
+
+/* One RandAugment op (its code) with argument v on one image. With warp != 0, ShearX, ShearY and Rotate
+ * warp by matrix (see warp_nearest; xs, ys: torchvision's grid bases) and TranslateX / TranslateY shift by
+ * trunc(v) pixels; with warp == 0 the caller does the geometric ops. */
 static void randaugment_one(float *img, int64_t h, int64_t w, int64_t op, double v, int64_t warp,
                             const float *matrix, const float *xs, const float *ys, float *work) {
     int64_t hw = h * w;
     switch (op) {
-    case 1:
-    case 2:
-    case 5:
+    case OP_IDENTITY: break;
+    case OP_SHEAR_X:
+    case OP_SHEAR_Y:
+    case OP_ROTATE:
         if (warp) warp_nearest(img, matrix, xs, ys, h, w, work);
         break;
-    case 3:
+    case OP_TRANSLATE_X:
         if (warp) translate(img, (int64_t)v, 0, h, w, work);
         break;
-    case 4:
+    case OP_TRANSLATE_Y:
         if (warp) translate(img, 0, (int64_t)v, h, w, work);
         break;
-    case 6: brightness(img, 1.0 + v, hw); break;
-    case 7: saturation(img, 1.0 + v, hw, work); break;
-    case 8: contrast(img, 1.0 + v, hw, work); break;
-    case 9: sharpness(img, 1.0 + v, h, w, work); break;
-    case 10: posterize(img, v, hw); break;
-    case 11: solarize(img, v, hw); break;
-    case 12: autocontrast(img, hw); break;
-    case 13: equalize(img, hw); break;
+    case OP_BRIGHTNESS: brightness(img, 1.0 + v, hw); break;
+    case OP_COLOR: saturation(img, 1.0 + v, hw, work); break;
+    case OP_CONTRAST: contrast(img, 1.0 + v, hw, work); break;
+    case OP_SHARPNESS: sharpness(img, 1.0 + v, h, w, work); break;
+    case OP_POSTERIZE: posterize(img, v, hw); break;
+    case OP_SOLARIZE: solarize(img, v, hw); break;
+    case OP_AUTO_CONTRAST: autocontrast(img, hw); break;
+    case OP_EQUALIZE: equalize(img, hw); break;
     default: break;
     }
 }
@@ -391,7 +411,8 @@ static void color_jitter_one(float *img, int64_t hw, const int64_t *order, const
 /* Work buffer sizes, in floats, for an (h, w) image (and a source width w_in for the crop). */
 int64_t work_floats(int64_t h, int64_t w, int64_t w_in) { return 3 * h * w + 2 * w + 3 * (w_in + 8) + 3 * w; }
 
-/* One RandAugment op slot: sample i of x (n, 3, h, w) gets ops[i] with values[i] (matrices: (n, 3, 2)). */
+/* One RandAugment op slot: sample i of x (n, 3, h, w) gets the op of code ops[i] with values[i] (matrices:
+ * (n, 3, 2)). */
 void randaugment_slot(float *x, int64_t n, int64_t h, int64_t w, const int64_t *ops, const double *values,
                       int64_t warp, const float *matrices, const float *xs, const float *ys, float *work) {
     for (int64_t i = 0; i < n; i++) {
@@ -409,9 +430,9 @@ void color_jitter(float *x, int64_t n, int64_t hw, const int64_t *order, const d
 }
 
 /* The whole per-sample pipeline, one sample at a time while it is in cache: crop (crop_one; src, ys, xs
- * for the whole batch, sample i at src + i * sn) into out (n, 3, oh, ow), then `slots` RandAugment ops per sample (ops, values: (n, slots); matrices:
- * (n, slots, 3, 2); gxs (ow), gys (oh): grid bases), then ColorJitter (order NULL: none) and Normalize
- * (scale NULL: none). */
+ * for the whole batch, sample i at src + i * sn) into out (n, 3, oh, ow), then `slots` RandAugment ops per
+ * sample (ops: their codes, values: (n, slots); matrices: (n, slots, 3, 2); gxs (ow), gys (oh): grid
+ * bases), then ColorJitter (order NULL: none) and Normalize (scale NULL: none). */
 void augment_fused(const uint8_t *src, int64_t n, int64_t h, int64_t w, int64_t sn, int64_t sc, int64_t sh,
                    int64_t sw, const double *ys, const double *xs, int64_t oh, int64_t ow, int64_t slots,
                    const int64_t *ops, const double *values, const float *matrices, const float *gxs,

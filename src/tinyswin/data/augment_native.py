@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tinyswin.data.augment_table import kernel_codes
 from tinyswin.paths import cache_root
 
 __all__ = ["NativeKernels", "load"]
@@ -41,6 +42,7 @@ _SOURCE = "augment_kernels.c"
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fPIC", "-shared"]
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
+_F = ctypes.c_float
 
 
 def _compiler_flags() -> list[str]:
@@ -74,6 +76,44 @@ def _build(source: Path, flags: list[str], out_dir: Path) -> Path:
     return target
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    """The argument types of the library's functions (``augment_kernels.c``)."""
+    lib.work_floats.argtypes = [_I, _I, _I]
+    lib.work_floats.restype = _I
+    lib.randaugment_slot.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _P, _P, _P]
+    lib.color_jitter.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
+    lib.augment_fused.argtypes = [_P, *[_I] * 7, _P, _P, _I, _I, _I, *[_P] * 12]
+    lib.mix_batch.argtypes = [_P, _I, _I, _I, _I, _P, _I, _F, _F, _I, _I, _I, _I, _P, _P]
+    for fn in (lib.randaugment_slot, lib.color_jitter, lib.augment_fused, lib.mix_batch):
+        fn.restype = None
+
+
+def _check_batch(x: Tensor) -> tuple[int, int, int]:
+    """``(N, H, W)`` of a contiguous float32 CPU ``(N, 3, H, W)`` batch; ValueError for anything else."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or x.shape[1] != 3:
+        got = f"{x.dtype} {tuple(x.shape)} on {x.device}"
+        raise ValueError(f"native kernels need a contiguous float32 CPU (N, 3, H, W) batch, got {got}")
+    return int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
+
+
+class _Arguments:
+    """Contiguous copies of a call's tensor arguments, kept alive until the call returns."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.kept: list[Tensor] = []
+
+    def __call__(self, t: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
+        """The address of ``t`` as a contiguous ``dtype`` tensor of ``shape`` (None for None)."""
+        if t is None:
+            return None
+        t = t.to(dtype).contiguous()
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{self.what}: expected an argument of shape {shape}, got {tuple(t.shape)}")
+        self.kept.append(t)
+        return t.data_ptr()
+
+
 class NativeKernels:
     """ctypes bindings of ``augment_kernels.c``; every method checks shapes, dtypes and contiguity.
 
@@ -83,33 +123,8 @@ class NativeKernels:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        lib = ctypes.CDLL(str(path))
-        lib.work_floats.argtypes = [_I, _I, _I]
-        lib.work_floats.restype = _I
-        lib.randaugment_slot.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _P, _P, _P]
-        lib.color_jitter.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
-        lib.augment_fused.argtypes = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P]
-        lib.augment_fused.argtypes += [_P, _P, _P, _P, _P, _P, _P]
-        lib.mix_batch.argtypes = [
-            _P,
-            _I,
-            _I,
-            _I,
-            _I,
-            _P,
-            _I,
-            ctypes.c_float,
-            ctypes.c_float,
-            _I,
-            _I,
-            _I,
-            _I,
-            _P,
-            _P,
-        ]
-        for fn in (lib.randaugment_slot, lib.color_jitter, lib.augment_fused, lib.mix_batch):
-            fn.restype = None
-        self._lib = lib
+        self._lib = ctypes.CDLL(str(path))
+        _declare(self._lib)
 
     def _work(self, h: int, w: int, w_in: int = 0) -> Tensor:
         """Scratch memory for one sample of size (h, w) (source width ``w_in`` for the crop)."""
@@ -117,13 +132,6 @@ class NativeKernels:
 
     def __repr__(self) -> str:
         return f"NativeKernels({self.path})"
-
-    @staticmethod
-    def _check_batch(x: Tensor) -> tuple[int, int, int]:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or x.shape[1] != 3:
-            got = f"{x.dtype} {tuple(x.shape)} on {x.device}"
-            raise ValueError(f"native kernels need a contiguous float32 CPU (N, 3, H, W) batch, got {got}")
-        return int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
 
     def crop_bilinear(self, images: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
         """Bilinear resized crop of a uint8 batch at given source coordinates, rounded to whole numbers.
@@ -150,7 +158,8 @@ class NativeKernels:
 
         Args:
             x: ``(N, 3, H, W)`` contiguous float32 CPU batch of whole numbers; overwritten.
-            ops: ``(N,)`` int64 indices into ``RANDAUGMENT_OPS``.
+            ops: ``(N,)`` int64 indices into ``RANDAUGMENT_OPS`` (the kernels get the ops' codes,
+                ``augment_table.kernel_codes``).
             values: ``(N,)`` float64 signed op arguments.
             warps: ``(matrices, xs, ys)`` to run the geometric ops too (nearest neighbour): float32
                 ``(N, 3, 2)`` rescaled inverse matrices (zeros where unused) and torchvision's grid bases
@@ -159,20 +168,20 @@ class NativeKernels:
         Returns:
             ``x``.
         """
-        n, h, w = self._check_batch(x)
-        ops = ops.to(torch.int64).contiguous()
-        values = values.to(torch.float64).contiguous()
+        n, h, w = _check_batch(x)
         if ops.shape != (n,) or values.shape != (n,):
             raise ValueError(f"randaugment_slot_: need ({n},) ops and values")
         matrices = xs = ys = None
         if warps is not None:
-            matrices, xs, ys = (t.to(torch.float32).contiguous() for t in warps)
+            matrices, xs, ys = warps
             if matrices.shape != (n, 3, 2) or xs.shape != (w,) or ys.shape != (h,):
                 raise ValueError("randaugment_slot_: warps must be (N, 3, 2) matrices, (W,) and (H,) bases")
+        arg = _Arguments("randaugment_slot_")
         work = self._work(h, w)
         self._lib.randaugment_slot(
-            x.data_ptr(), n, h, w, ops.data_ptr(), values.data_ptr(), int(warps is not None),
-            *(None if t is None else t.data_ptr() for t in (matrices, xs, ys)), work.data_ptr(),
+            x.data_ptr(), n, h, w, arg(kernel_codes()[ops], torch.int64, (n,)),
+            arg(values, torch.float64, (n,)), int(warps is not None), arg(matrices, torch.float32, (n, 3, 2)),
+            arg(xs, torch.float32, (w,)), arg(ys, torch.float32, (h,)), work.data_ptr(),
         )  # fmt: skip
         return x
 
@@ -196,7 +205,7 @@ class NativeKernels:
         Returns:
             ``x``.
         """
-        n, h, w = self._check_batch(x)
+        n, h, w = _check_batch(x)
         order = order.to(torch.int64).contiguous()
         factors = factors.to(torch.float64).contiguous()
         if order.shape != (n, 4) or factors.shape != (n, 4):
@@ -245,19 +254,10 @@ class NativeKernels:
         oh, ow = int(ys.shape[1]), int(xs.shape[1])
         if ys.shape[0] != n or xs.shape[0] != n:
             raise ValueError(f"augment: {n} images but crop coordinates for {ys.shape[0]}, {xs.shape[0]}")
-        keep = []  # contiguous arguments, alive until the call returns
-
-        def ptr(t: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
-            if t is None:
-                return None
-            t = t.to(dtype).contiguous()
-            if tuple(t.shape) != shape:
-                raise ValueError(f"augment: expected an argument of shape {shape}, got {tuple(t.shape)}")
-            keep.append(t)
-            return t.data_ptr()
-
+        ptr = _Arguments("augment")
         slots = 0 if randaug is None else int(randaug[0].shape[1])
         ops, values, matrices, gxs, gys = randaug if randaug is not None else (None,) * 5
+        codes = None if ops is None else kernel_codes()[ops]  # (N, S): the ops' codes in the kernels
         order, factors, enabled = jitter if jitter is not None else (None, None, (False,) * 4)
         scale, shift = normalize if normalize is not None else (None, None)
         out = torch.empty(n, 3, oh, ow, dtype=torch.float32)
@@ -265,7 +265,7 @@ class NativeKernels:
         sn, sc, sh, sw = images.stride()
         self._lib.augment_fused(
             images.data_ptr(), n, h, w, sn, sc, sh, sw, ys.data_ptr(), xs.data_ptr(), oh, ow, slots,
-            ptr(ops, torch.int64, (n, slots)), ptr(values, torch.float64, (n, slots)),
+            ptr(codes, torch.int64, (n, slots)), ptr(values, torch.float64, (n, slots)),
             ptr(matrices, torch.float32, (n, slots, 3, 2)), ptr(gxs, torch.float32, (ow,)),
             ptr(gys, torch.float32, (oh,)), ptr(order, torch.int64, (n, 4)),
             ptr(factors, torch.float64, (n, 4)), ptr(torch.tensor(enabled), torch.uint8, (4,)),

@@ -35,15 +35,23 @@ __all__ = [
     "adjust_sharpness_",
     "autocontrast",
     "autocontrast_",
+    "autocontrast_bounds",
+    "blend_",
+    "blend_mean_",
     "complement",
     "equalize",
     "equalize_",
+    "equalize_tables",
+    "gray_mean",
     "grayscale",
+    "lookup_",
     "per_sample",
     "posterize",
     "posterize_",
+    "sharpness_degenerate",
     "solarize",
     "solarize_",
+    "stretch_",
 ]
 
 
@@ -80,6 +88,32 @@ def _blend_(img1: Tensor, weighted2: Tensor, ratio: Tensor) -> Tensor:
     return img1.mul_(per_sample(ratio, img1)).add_(weighted2).clamp_(0.0, 255.0).floor_()
 
 
+def blend_(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
+    """In place: torchvision's ``_blend`` of each image with its degenerate image,
+    ``trunc(clamp(f * x + (1 - f) * degenerate))``.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255]; overwritten.
+        degenerate: ``(N, 3 or 1, H, W)`` float32; overwritten (scaled by ``1 - f``).
+        factor: ``(N,)`` f; 0 gives the degenerate image, 1 the original.
+
+    Returns:
+        ``x``.
+    """
+    return _blend_(x, degenerate.mul_(complement(factor, x)), factor)
+
+
+def blend_mean_(x: Tensor, mean: Tensor, factor: Tensor) -> Tensor:
+    """In place: blend each image with a per-sample level ``mean`` (N, 1, 1, 1) (contrast's degenerate);
+    ``x`` may be any ``(N, ...)`` batch of levels, ``factor`` (N,)."""
+    return _blend_(x, mean * complement(factor, x), factor)
+
+
+def gray_mean(gray: Tensor) -> Tensor:
+    """``(N, 1, 1, 1)`` float32 mean of each gray image ``(N, 1, H, W)`` (contrast's degenerate level)."""
+    return gray.mean(dim=(1, 2, 3), keepdim=True)
+
+
 def adjust_brightness_(x: Tensor, factor: Tensor) -> Tensor:
     """In place: scale intensities by ``factor`` (N,) (blend with black)."""
     return x.mul_(per_sample(factor, x)).clamp_(0.0, 255.0).floor_()
@@ -102,8 +136,7 @@ def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
 
 def adjust_contrast_(x: Tensor, factor: Tensor) -> Tensor:
     """In place: blend with the mean of the (truncated) grayscale image; ``factor`` (N,)."""
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
-    return _blend_(x, mean.mul_(complement(factor, x)), factor)
+    return blend_mean_(x, gray_mean(grayscale(x)), factor)
 
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
@@ -111,12 +144,34 @@ def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     return adjust_contrast_(x.clone(), factor)
 
 
-def adjust_sharpness_(x: Tensor, factor: Tensor) -> Tensor:
-    """In place: blend with a smoothed copy (kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded; borders kept).
+def sharpness_degenerate(x: Tensor) -> Tensor | None:
+    """torchvision's degenerate image of ``adjust_sharpness``: the interior smoothed by the kernel
+    [[1,1,1],[1,5,1],[1,1,1]] / 13 and rounded, the border kept.
 
     The 3x3 filter is computed as (3x3 box sum + 4 * centre) / 13 with shifted slices instead of a
     convolution; the rounded result equals torchvision's (a sum of whole numbers over 13 is never within
     float error of a .5 tie).
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255].
+
+    Returns:
+        a new ``(N, 3, H, W)`` float32 batch, or None for images without an interior (H or W <= 2), which
+        torchvision leaves as they are.
+    """
+    if x.shape[-1] <= 2 or x.shape[-2] <= 2:
+        return None
+    rows = x[:, :, :-2] + x[:, :, 1:-1]  # (N, 3, H-2, W)
+    rows.add_(x[:, :, 2:])
+    box = rows[..., :-2] + rows[..., 1:-1]  # (N, 3, H-2, W-2)
+    box.add_(rows[..., 2:]).add_(x[:, :, 1:-1, 1:-1], alpha=4.0).div_(13.0).round_().clamp_(0.0, 255.0)
+    degenerate = x.clone()
+    degenerate[:, :, 1:-1, 1:-1] = box
+    return degenerate
+
+
+def adjust_sharpness_(x: Tensor, factor: Tensor) -> Tensor:
+    """In place: blend with a smoothed copy (``sharpness_degenerate``; borders kept).
 
     Args:
         x: ``(N, 3, H, W)`` float32 in [0, 255]; overwritten.
@@ -125,16 +180,8 @@ def adjust_sharpness_(x: Tensor, factor: Tensor) -> Tensor:
     Returns:
         ``x``.
     """
-    if x.shape[-1] <= 2 or x.shape[-2] <= 2:
-        return x
-    rows = x[:, :, :-2] + x[:, :, 1:-1]  # (N, 3, H-2, W)
-    rows.add_(x[:, :, 2:])
-    box = rows[..., :-2] + rows[..., 1:-1]  # (N, 3, H-2, W-2)
-    box.add_(rows[..., 2:]).add_(x[:, :, 1:-1, 1:-1], alpha=4.0).div_(13.0).round_().clamp_(0.0, 255.0)
-    r1 = complement(factor, x)
-    weighted = x * r1  # (1 - f) * degenerate, where the degenerate image keeps x on the border
-    weighted[:, :, 1:-1, 1:-1] = box.mul_(r1)
-    return _blend_(x, weighted, factor)
+    degenerate = sharpness_degenerate(x)
+    return x if degenerate is None else blend_(x, degenerate, factor)
 
 
 def adjust_sharpness(x: Tensor, factor: Tensor) -> Tensor:
@@ -165,6 +212,22 @@ def solarize(x: Tensor, threshold: Tensor) -> Tensor:
     return solarize_(x.clone(), threshold)
 
 
+def autocontrast_bounds(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each channel's ``(low, scale)`` of ``autocontrast_``, ``(N, 3, 1, 1)`` float32 each: its minimum and
+    ``255 / (max - min)`` (0 and 1 for a constant channel, which stays as it is)."""
+    lo = x.amin(dim=(2, 3), keepdim=True)  # (N, 3, 1, 1)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    scale = 255.0 / (hi - lo)
+    flat = ~torch.isfinite(scale)
+    return lo.masked_fill(flat, 0.0), scale.masked_fill(flat, 1.0)
+
+
+def stretch_(x: Tensor, low: Tensor, scale: Tensor) -> Tensor:
+    """In place: ``trunc(clamp((x - low) * scale))`` per sample and channel (``autocontrast_bounds``); ``x``
+    may be any ``(N, 3, ...)`` batch of levels."""
+    return x.sub_(low).mul_(scale).clamp_(0.0, 255.0).floor_()
+
+
 def autocontrast_(x: Tensor) -> Tensor:
     """In place: stretch each channel of each image to [0, 255] (constant channels unchanged).
 
@@ -174,13 +237,7 @@ def autocontrast_(x: Tensor) -> Tensor:
     Returns:
         ``x``.
     """
-    lo = x.amin(dim=(2, 3), keepdim=True)  # (N, 3, 1, 1)
-    hi = x.amax(dim=(2, 3), keepdim=True)
-    scale = 255.0 / (hi - lo)
-    flat = ~torch.isfinite(scale)
-    lo = lo.masked_fill(flat, 0.0)
-    scale = scale.masked_fill(flat, 1.0)
-    return x.sub_(lo).mul_(scale).clamp_(0.0, 255.0).floor_()
+    return stretch_(x, *autocontrast_bounds(x))
 
 
 def autocontrast(x: Tensor) -> Tensor:
@@ -188,11 +245,73 @@ def autocontrast(x: Tensor) -> Tensor:
     return autocontrast_(x.clone())
 
 
+def _histogram_bins(x: Tensor, values: Tensor) -> Tensor:
+    """``(N*3*H*W,)`` int64: each value's bin in the ``N*3`` flattened 256-bin histograms of ``x``'s channels;
+    ``values`` is ``x`` as int64 ``(N*3, H*W)``."""
+    offsets = torch.arange(values.shape[0], device=x.device).mul_(256).unsqueeze(1)  # (N*3, 1)
+    return (values + offsets).view(-1)
+
+
+def _equalize_lut(x: Tensor, values: Tensor, flat: Tensor, sync_free: bool = False) -> Tensor:
+    """``(N*3, 256)`` float32 look-up tables of ``equalize_`` from the values and bins of ``x``'s channels;
+    the histograms by ``bincount`` on a CPU (faster there) unless ``sync_free``, else by ``scatter_add_``
+    (``bincount`` waits for a GPU)."""
+    n, c, h, w = x.shape
+    if x.device.type == "cpu" and not sync_free:
+        hist = torch.bincount(flat, minlength=n * c * 256)
+    else:
+        ones = torch.ones(1, dtype=torch.int64, device=x.device).expand(flat.numel())
+        hist = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device).scatter_add_(0, flat, ones)
+    hist = hist.view(n * c, 256)  # (N*3, 256)
+    top = hist.gather(1, values.amax(dim=1, keepdim=True))  # (N*3, 1): count of the last non-empty bin
+    step = torch.div(h * w - top, 255, rounding_mode="floor")  # (N*3, 1)
+    safe = step.clamp(min=1)
+    lut = torch.div(hist.cumsum(1) + torch.div(safe, 2, rounding_mode="floor"), safe, rounding_mode="floor")
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], dim=1).clamp_(0, 255)  # (N*3, 256)
+    identity = torch.arange(256, device=x.device).expand_as(lut)
+    return torch.where(step == 0, identity, lut).to(x.dtype)  # channels with step 0 stay unchanged
+
+
+def equalize_tables(x: Tensor, values: Tensor | None = None, sync_free: bool = False) -> Tensor:
+    """The look-up table of ``equalize_`` for each channel of each image.
+
+    Args:
+        x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255].
+        values: ``x`` as int64 ``(N, 3, H*W)`` where the caller has it.
+        sync_free: count with ops that never wait for the device, on a CPU too.
+
+    Returns:
+        ``(N, 3, 256)`` float32 whole numbers.
+    """
+    n, c, h, w = x.shape
+    values = (x.reshape(n, c, h * w).to(torch.int64) if values is None else values).view(n * c, h * w)
+    return _equalize_lut(x, values, _histogram_bins(x, values), sync_free).view(n, c, 256)
+
+
+def lookup_(x: Tensor, tables: Tensor, values: Tensor | None = None) -> Tensor:
+    """In place: map each value of each channel through its table.
+
+    Args:
+        x: ``(N, 3, ...)`` contiguous float32 whole numbers in [0, 255] (images, or the 256 levels);
+            overwritten.
+        tables: ``(N, 3, 256)`` float32.
+        values: ``x`` as int64 ``(N, 3, L)`` where the caller has it.
+
+    Returns:
+        ``x``.
+    """
+    n, c = x.shape[:2]
+    flat = x.view(n, c, -1)
+    index = flat.to(torch.int64) if values is None else values
+    return torch.gather(tables, 2, index, out=flat).view_as(x)
+
+
 def equalize_(x: Tensor) -> Tensor:
     """In place: histogram equalisation of each channel of each image (torchvision's uint8 ``equalize``).
 
-    All ``N * 3`` histograms come from one ``scatter_add_`` on offset bin indices; the look-up table is a
-    cumulative sum (no sort: the last non-empty bin of a channel is the bin of its maximum value).
+    All ``N * 3`` histograms come from one ``scatter_add_`` (a ``bincount`` on a CPU) on offset bin
+    indices; the look-up table is a cumulative sum (no sort: the last non-empty bin of a channel is the
+    bin of its maximum value).
 
     Args:
         x: ``(N, 3, H, W)`` float32 whole numbers in [0, 255], contiguous; overwritten.
@@ -202,22 +321,8 @@ def equalize_(x: Tensor) -> Tensor:
     """
     n, c, h, w = x.shape
     values = x.reshape(n * c, h * w).to(torch.int64)  # (N*3, H*W)
-    offsets = torch.arange(n * c, device=x.device).mul_(256).unsqueeze(1)  # (N*3, 1)
-    flat = (values + offsets).view(-1)  # (N*3*H*W,) bin of each value in the flattened histograms
-    if x.is_cuda:
-        ones = torch.ones(1, dtype=torch.int64, device=x.device).expand(flat.numel())
-        hist = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device).scatter_add_(0, flat, ones)
-    else:
-        hist = torch.bincount(flat, minlength=n * c * 256)  # faster on CPU; needs a device sync on CUDA
-    hist = hist.view(n * c, 256)  # (N*3, 256)
-    top = hist.gather(1, values.amax(dim=1, keepdim=True))  # (N*3, 1): count of the last non-empty bin
-    step = torch.div(h * w - top, 255, rounding_mode="floor")  # (N*3, 1)
-    safe = step.clamp(min=1)
-    lut = torch.div(hist.cumsum(1) + torch.div(safe, 2, rounding_mode="floor"), safe, rounding_mode="floor")
-    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], dim=1).clamp_(0, 255)  # (N*3, 256)
-    identity = torch.arange(256, device=x.device).expand_as(lut)
-    lut = torch.where(step == 0, identity, lut).to(x.dtype)  # channels with step 0 stay unchanged
-    torch.index_select(lut.view(-1), 0, flat, out=x.view(-1))
+    flat = _histogram_bins(x, values)  # (N*3*H*W,) bin of each value in the flattened histograms
+    torch.index_select(_equalize_lut(x, values, flat).view(-1), 0, flat, out=x.view(-1))
     return x
 
 

@@ -19,7 +19,21 @@ import torch
 from torch import Tensor
 
 from tinyswin.data import augment_ops as ops
-from tinyswin.data.augment_geometry import affine_grid_parts, randaugment_affine, translate_, warp_affine
+from tinyswin.data.augment_geometry import (
+    AFFINE_PARAMS,
+    affine_from_codes,
+    affine_grid_parts,
+    translate_,
+    warp_affine,
+)
+from tinyswin.data.augment_table import (
+    RANDAUGMENT,
+    RANDAUGMENT_OPS,
+    Geometric,
+    affine_codes,
+    op_row,
+    signed_ops,
+)
 
 __all__ = [
     "COLOR_JITTER_OPS",
@@ -37,29 +51,6 @@ __all__ = [
     "sample_randaugment",
 ]
 
-# torchvision's RandAugment augmentation space, in its order
-RANDAUGMENT_OPS = (
-    "Identity",
-    "ShearX",
-    "ShearY",
-    "TranslateX",
-    "TranslateY",
-    "Rotate",
-    "Brightness",
-    "Color",
-    "Contrast",
-    "Sharpness",
-    "Posterize",
-    "Solarize",
-    "AutoContrast",
-    "Equalize",
-)
-_SIGNED = frozenset(RANDAUGMENT_OPS[1:10])
-_GEOMETRIC = frozenset(RANDAUGMENT_OPS[1:6])
-_WARPED = frozenset(("ShearX", "ShearY", "Rotate"))  # the geometric ops that resample (Translate shifts)
-_IS_WARPED = torch.tensor([name in _WARPED for name in RANDAUGMENT_OPS])  # (14,) bool, by op index
-_IS_SHIFT_X = torch.tensor([name == "TranslateX" for name in RANDAUGMENT_OPS])
-_IS_SHIFT_Y = torch.tensor([name == "TranslateY" for name in RANDAUGMENT_OPS])
 COLOR_JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 _BLEND_ROWS = 64  # samples per blend pass on a CPU: about 3 MB of float32 64x64 images, cache-sized
 
@@ -81,7 +72,7 @@ class RandAugmentParams:
 
 
 def randaugment_values(op: str, magnitude: Tensor, num_bins: int, height: int, width: int) -> Tensor:
-    """Unsigned op arguments for magnitude bins, from torchvision's ``_augmentation_space``.
+    """Unsigned op arguments for magnitude bins, from the op's magnitude range (``augment_table``).
 
     Whole bins give exactly torchvision's float32 table entries; fractional bins (magnitude std)
     interpolate linearly between neighbouring entries (posterize: bits from the rounded formula).
@@ -95,43 +86,16 @@ def randaugment_values(op: str, magnitude: Tensor, num_bins: int, height: int, w
     Returns:
         ``(N,)`` float64 values.
     """
-    if op == "Posterize":
-        bits = 8 - (magnitude.to(torch.float32) / ((num_bins - 1) / 4)).round().to(torch.int64)
-        return bits.double()
-    tops = {
-        "ShearX": (0.0, 0.3),
-        "ShearY": (0.0, 0.3),
-        "TranslateX": (0.0, 150.0 / 331.0 * width),
-        "TranslateY": (0.0, 150.0 / 331.0 * height),
-        "Rotate": (0.0, 30.0),
-        "Brightness": (0.0, 0.9),
-        "Color": (0.0, 0.9),
-        "Contrast": (0.0, 0.9),
-        "Sharpness": (0.0, 0.9),
-        "Solarize": (255.0, 0.0),
-    }
-    if op not in tops:
-        return torch.zeros_like(magnitude)
-    table = torch.linspace(*tops[op], num_bins).double()  # float32 entries, as torchvision's table
-    lo = magnitude.floor().clamp(0, num_bins - 1).to(torch.int64)
-    hi = (lo + 1).clamp(max=num_bins - 1)
-    frac = magnitude - lo.double()
-    return table[lo] + frac * (table[hi] - table[lo])
+    return op_row(op).values(magnitude, num_bins, height, width)
 
 
 @lru_cache(maxsize=16)
 def _value_table(num_bins: int, height: int, width: int, device: str = "cpu") -> Tensor:
-    """``(14, num_bins)`` float64 unsigned op arguments of every whole bin on ``device`` (read-only, built
-    once per device)."""
+    """``(num_ops, num_bins)`` float64 unsigned op arguments of every whole bin on ``device`` (read-only,
+    built once per device)."""
     bins = torch.arange(num_bins, dtype=torch.float64)
-    table = torch.stack([randaugment_values(name, bins, num_bins, height, width) for name in RANDAUGMENT_OPS])
+    table = torch.stack([row.values(bins, num_bins, height, width) for row in RANDAUGMENT])
     return table.to(device)
-
-
-@lru_cache(maxsize=8)
-def _signed_ops(device: str) -> Tensor:
-    """``(14,)`` bool: which RandAugment ops take a random sign, on ``device`` (read-only)."""
-    return torch.tensor([name in _SIGNED for name in RANDAUGMENT_OPS], device=device)
 
 
 def sample_randaugment(
@@ -146,7 +110,7 @@ def sample_randaugment(
 ) -> RandAugmentParams:
     """Draw RandAugment ops, magnitudes and signs for ``n`` samples.
 
-    Each sample draws ``num_ops`` ops uniformly from the 14 (with replacement, as torchvision) and, for
+    Each sample draws ``num_ops`` ops uniformly from the table (with replacement, as torchvision) and, for
     signed ops, a sign with probability 1/2. With ``magnitude_std > 0`` each op draws its bin from
     ``N(magnitude, magnitude_std)`` clipped to ``[0, num_bins - 1]`` (timm's ``mstd``); ``inf`` draws it
     uniformly from ``[0, magnitude]``.
@@ -173,14 +137,15 @@ def sample_randaugment(
         noise = torch.randn(n, num_ops, generator=generator, dtype=torch.float64, device=dev)
         mags = mags + magnitude_std * noise
     mags = mags.clamp(0.0, num_bins - 1)
-    table = _value_table(num_bins, height, width, str(dev))  # (14, num_bins)
+    table = _value_table(num_bins, height, width, str(dev))  # (num_ops, num_bins)
     lo = mags.floor().to(torch.int64)  # (n, num_ops)
     hi = (lo + 1).clamp(max=num_bins - 1)
     start = table[op_idx, lo]
     values = start + (mags - lo.double()) * (table[op_idx, hi] - start)  # whole bins: exactly the table
-    posterize = op_idx == RANDAUGMENT_OPS.index("Posterize")
-    values = torch.where(posterize, randaugment_values("Posterize", mags, num_bins, height, width), values)
-    signed = _signed_ops(str(dev))[op_idx]
+    for k, row in enumerate(RANDAUGMENT):
+        if row.magnitude is not None and not row.magnitude.interpolates:  # fractional bins by its formula
+            values = torch.where(op_idx == k, row.values(mags, num_bins, height, width), values)
+    signed = signed_ops(str(dev))[op_idx]
     values = torch.where(signed & negate, -values, values)
     return RandAugmentParams(ops=op_idx, magnitudes=mags, values=values)
 
@@ -197,32 +162,11 @@ def apply_randaugment_op(x: Tensor, op: str, values: Tensor, interpolation: str 
     Returns:
         ``(N, 3, H, W)`` float32 whole numbers (a new tensor).
     """
-    if op in _GEOMETRIC:
-        return warp_affine(x, randaugment_affine(op, values, x.shape[-2], x.shape[-1]), interpolation)
-    return _apply_pixel_op_(x.clone(), op, values)
-
-
-def _apply_pixel_op_(x: Tensor, op: str, values: Tensor) -> Tensor:
-    """In place: a non-geometric RandAugment op with per-sample arguments ``values`` (N,)."""
-    if op == "Brightness":
-        return ops.adjust_brightness_(x, 1.0 + values)
-    if op == "Color":
-        return ops.adjust_saturation_(x, 1.0 + values)
-    if op == "Contrast":
-        return ops.adjust_contrast_(x, 1.0 + values)
-    if op == "Sharpness":
-        return ops.adjust_sharpness_(x, 1.0 + values)
-    if op == "Posterize":
-        return ops.posterize_(x, values.to(torch.int64))
-    if op == "Solarize":
-        return ops.solarize_(x, values)
-    if op == "AutoContrast":
-        return ops.autocontrast_(x)
-    if op == "Equalize":
-        return ops.equalize_(x)
-    if op == "Identity":
-        return x
-    raise ValueError(f"unknown RandAugment op {op!r}; expected one of {RANDAUGMENT_OPS}")
+    row = op_row(op)
+    if isinstance(row.op, Geometric):
+        code = torch.full((len(values),), AFFINE_PARAMS.index(row.op.affine))
+        return warp_affine(x, affine_from_codes(code, values, x.shape[-2], x.shape[-1]), interpolation)
+    return row.op.apply_(x.clone(), values)
 
 
 def _groups(column: Tensor, count: int) -> Iterator[tuple[int, Tensor]]:
@@ -234,6 +178,19 @@ def _groups(column: Tensor, count: int) -> Iterator[tuple[int, Tensor]]:
         if c:
             yield k, order[start : start + c]
         start += c
+
+
+@lru_cache(maxsize=1)
+def _warped() -> Tensor:
+    """``(num_ops,)`` bool CPU, by op index: the geometric ops that resample (the others shift or are not
+    geometric)."""
+    return torch.tensor([isinstance(row.op, Geometric) and row.op.shift is None for row in RANDAUGMENT])
+
+
+@lru_cache(maxsize=2)
+def _shifts(axis: str) -> Tensor:
+    """``(num_ops,)`` bool CPU, by op index: the ops that shift by whole pixels along ``axis`` ('x', 'y')."""
+    return torch.tensor([isinstance(row.op, Geometric) and row.op.shift == axis for row in RANDAUGMENT])
 
 
 def randaugment_warps(params: RandAugmentParams, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -249,9 +206,8 @@ def randaugment_warps(params: RandAugmentParams, height: int, width: int) -> tup
     """
     n, slots = params.ops.shape
     flat_ops, flat_values = params.ops.reshape(-1), params.values.reshape(-1)  # (N * S,)
-    idx = _IS_WARPED[flat_ops].nonzero().squeeze(1)
-    names = [RANDAUGMENT_OPS[k] for k in flat_ops[idx].tolist()]
-    theta = randaugment_affine(names, flat_values[idx], height, width)  # (M, 2, 3)
+    idx = _warped()[flat_ops].nonzero().squeeze(1)
+    theta = affine_from_codes(affine_codes()[flat_ops[idx]], flat_values[idx], height, width)  # (M, 2, 3)
     rescaled, xs, ys = affine_grid_parts(theta, height, width)
     matrices = torch.zeros(n * slots, 3, 2).index_copy_(0, idx, rescaled)
     return matrices.view(n, slots, 3, 2), xs, ys  # (N * S, 3, 2) -> (N, S, 3, 2)
@@ -273,15 +229,14 @@ def geometric_slot_(x: Tensor, column: Tensor, values: Tensor, interpolation: st
         ``x``.
     """
     height, width = x.shape[-2:]
-    idx = _IS_WARPED[column].nonzero().squeeze(1)
+    idx = _warped()[column].nonzero().squeeze(1)
     if idx.numel():
-        names = [RANDAUGMENT_OPS[k] for k in column[idx].tolist()]
-        theta = randaugment_affine(names, values[idx], height, width)
+        theta = affine_from_codes(affine_codes()[column[idx]], values[idx], height, width)
         dev_idx = idx.to(x.device)
         x.index_copy_(0, dev_idx, warp_affine(x.index_select(0, dev_idx), theta, interpolation))
     pixels = torch.trunc(values).to(torch.int64)  # torchvision: translate=[int(magnitude), 0]
-    dx = torch.where(_IS_SHIFT_X[column], pixels, 0)
-    dy = torch.where(_IS_SHIFT_Y[column], pixels, 0)
+    dx = torch.where(_shifts("x")[column], pixels, 0)
+    dy = torch.where(_shifts("y")[column], pixels, 0)
     if bool((dx != 0).any() or (dy != 0).any()):
         translate_(x, dx, dy)
     return x
@@ -298,12 +253,12 @@ def pixel_slot_(x: Tensor, column: Tensor, values: Tensor) -> Tensor:
     Returns:
         ``x``.
     """
-    for k, idx in _groups(column, len(RANDAUGMENT_OPS)):
-        name = RANDAUGMENT_OPS[k]
-        if name == "Identity" or name in _GEOMETRIC:
+    for k, idx in _groups(column, len(RANDAUGMENT)):
+        row = RANDAUGMENT[k]
+        if row.identity or isinstance(row.op, Geometric):
             continue
         dev_idx = idx.to(x.device)
-        x.index_copy_(0, dev_idx, _apply_pixel_op_(x.index_select(0, dev_idx), name, values[idx]))
+        x.index_copy_(0, dev_idx, row.op.apply_(x.index_select(0, dev_idx), values[idx]))
     return x
 
 
