@@ -36,6 +36,7 @@ __all__ = [
     "pad_crop",
     "resize",
     "resized_crop",
+    "sample_box_sides",
     "sample_pad_crop",
     "sample_resized_crop",
     "translate_",
@@ -63,6 +64,42 @@ def _randint(high: Tensor, generator: torch.Generator) -> Tensor:
     return torch.minimum((u * high).floor().to(torch.int64), high - 1)
 
 
+def sample_box_sides(
+    n: int,
+    area: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    attempts: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Box sides of ``attempts`` tries for ``n`` samples, as torchvision's RandomResizedCrop and RandomErasing
+    draw them: a box area uniform in ``scale * area`` and an aspect log-uniform in ``ratio``.
+
+    Args:
+        n: number of samples.
+        area: the image's area in pixels.
+        scale: range of the box area as a fraction of ``area``.
+        ratio: range of the aspect ratio, sampled log-uniformly.
+        attempts: tries per sample.
+        generator: a generator; the draws are made on its device.
+
+    Returns:
+        ``(along, across)``: int64 ``(n, attempts)`` sides ``round(sqrt(box * aspect))`` and
+        ``round(sqrt(box / aspect))`` (the crop's width and height, the erased box's height and width).
+    """
+    dev = generator.device
+    target = float(area) * (
+        scale[0]
+        + (scale[1] - scale[0])
+        * torch.rand(n, attempts, generator=generator, dtype=torch.float64, device=dev)
+    )
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    u = torch.rand(n, attempts, generator=generator, dtype=torch.float64, device=dev)
+    aspect = torch.exp(lo + (hi - lo) * u)
+    along = torch.round(torch.sqrt(target * aspect)).to(torch.int64)
+    return along, torch.round(torch.sqrt(target / aspect)).to(torch.int64)
+
+
 def sample_resized_crop(
     n: int,
     height: int,
@@ -88,18 +125,7 @@ def sample_resized_crop(
     Returns:
         CropBoxes with int64 tensors of shape ``(n,)`` on the generator's device.
     """
-    area = float(height * width)
-    dev = generator.device
-    target = area * (
-        scale[0]
-        + (scale[1] - scale[0])
-        * torch.rand(n, attempts, generator=generator, dtype=torch.float64, device=dev)
-    )
-    lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    u = torch.rand(n, attempts, generator=generator, dtype=torch.float64, device=dev)
-    aspect = torch.exp(lo + (hi - lo) * u)
-    w = torch.round(torch.sqrt(target * aspect)).to(torch.int64)  # (n, attempts)
-    h = torch.round(torch.sqrt(target / aspect)).to(torch.int64)
+    w, h = sample_box_sides(n, height * width, scale, ratio, attempts, generator)  # (n, attempts) each
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = ok.to(torch.int64).argmax(dim=1, keepdim=True)  # (n, 1): first fitting attempt
     found = ok.any(dim=1)

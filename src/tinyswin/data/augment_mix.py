@@ -6,11 +6,12 @@ device, in place (``erase_``, ``mix_``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from tinyswin.data.augment_geometry import sample_box_sides
 
 __all__ = [
     "EraseParams",
@@ -84,17 +85,7 @@ def sample_erasing(
     """
     dev = generator.device
     coin = torch.rand(n, generator=generator, dtype=torch.float64, device=dev) < p
-    area = float(height * width)
-    target = area * (
-        scale[0]
-        + (scale[1] - scale[0])
-        * torch.rand(n, attempts, generator=generator, dtype=torch.float64, device=dev)
-    )
-    lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    u = torch.rand(n, attempts, generator=generator, dtype=torch.float64, device=dev)
-    aspect = torch.exp(lo + (hi - lo) * u)
-    h = torch.round(torch.sqrt(target * aspect)).to(torch.int64)  # (n, attempts)
-    w = torch.round(torch.sqrt(target / aspect)).to(torch.int64)
+    h, w = sample_box_sides(n, height * width, scale, ratio, attempts, generator)  # (n, attempts) each
     ok = (h < height) & (w < width)
     first = ok.to(torch.int64).argmax(dim=1, keepdim=True)  # (n, 1)
     h = h.gather(1, first).squeeze(1)
