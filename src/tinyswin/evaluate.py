@@ -58,6 +58,18 @@ class EvalResult:
     def top5(self) -> float:
         return self.correct5 / max(self.n, 1)
 
+    def no_tta(self, prefix: str = "") -> dict[str, float]:
+        """``{prefix}loss_no_tta``, ``{prefix}top1_no_tta`` and ``{prefix}top5_no_tta``: the loss, top-1 and
+        top-5 of the same images without test-time augmentation (empty where there was none)."""
+        if self.plain is None:
+            return {}
+        plain = self.plain
+        return {
+            f"{prefix}loss_no_tta": plain.loss,
+            f"{prefix}top1_no_tta": plain.top1,
+            f"{prefix}top5_no_tta": plain.top5,
+        }
+
     def summary(self, class_names: list[str]) -> dict[str, Any]:
         """Top-1/5, loss, per-class accuracy, confusion matrix and ECE, as plain data (with 'flip', also
         the top-1/5 and loss without test-time augmentation)."""
@@ -72,13 +84,7 @@ class EvalResult:
             "per_class_accuracy": dict(zip(class_names, per_class, strict=True)),
             "confusion_matrix": self.confusion.tolist(),
         }
-        if self.plain is not None:
-            out |= {
-                "top1_no_tta": self.plain.top1,
-                "top5_no_tta": self.plain.top5,
-                "loss_no_tta": self.plain.loss,
-            }
-        return out
+        return out | self.no_tta()
 
 
 class _Sums:
@@ -349,10 +355,4 @@ def evaluate_checkpoint(
         "top5": result.top5,
         "ece": ece_from_bins(result.bins),
     }
-    if result.plain is not None:
-        out |= {
-            "loss_no_tta": result.plain.loss,
-            "top1_no_tta": result.plain.top1,
-            "top5_no_tta": result.plain.top5,
-        }
-    return out
+    return out | result.no_tta()
