@@ -60,22 +60,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tinyswin.data import augment_native
 from tinyswin.data.augment_backend import (
-    AugmentParams,
     EagerBackend,
-    NativeBackend,
     channels_first,
+    choose_backend,
     normalization_constants,
     normalize_,
     to_float_nchw,
 )
 from tinyswin.data.augment_config import AugmentConfig, augment_preset, augment_preset_names
 from tinyswin.data.augment_device import apply_device, sample_device
-from tinyswin.data.augment_geometry import resize, sample_pad_crop, sample_resized_crop
-from tinyswin.data.augment_mix import sample_erasing, sample_mix
+from tinyswin.data.augment_geometry import resize
 from tinyswin.data.augment_native import NativeKernels
-from tinyswin.data.augment_policy import sample_color_jitter, sample_randaugment
+from tinyswin.data.augment_sample import AugmentParams, sample_params
 
 __all__ = [
     "Augment",
@@ -154,13 +151,9 @@ class Augment:
         ``NativeBackend`` for CPU batches with ``native`` when the kernels load (``augment_native.load``),
         else ``EagerBackend``.
         """
-        kind = device.type
-        if kind not in self._backends:
-            kernels = augment_native.load() if self.native and kind == "cpu" else None
-            self._backends[kind] = (
-                EagerBackend(self.config) if kernels is None else NativeBackend(self.config, kernels)
-            )
-        return self._backends[kind]
+        if device.type not in self._backends:
+            self._backends[device.type] = choose_backend(self.config, device.type, self.native)
+        return self._backends[device.type]
 
     def kernels(self, device: torch.device) -> NativeKernels | None:
         """The native kernels used for a batch on ``device`` (None where the backend is eager)."""
@@ -187,60 +180,8 @@ class Augment:
         """
         if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
             raise ValueError(f"augment: generator must be a CPU torch.Generator, got {generator!r}")
-        cfg, n = self.config, batch_size
-        oh, ow = self.output_size(height, width)
-        crop = None
-        if cfg.crop == "rrc":
-            crop = sample_resized_crop(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator)
-        elif cfg.crop == "pad":
-            crop = sample_pad_crop(n, oh, ow, (oh, ow), cfg.crop_padding, generator)
-        flip = torch.zeros(n, dtype=torch.bool)
-        if cfg.hflip > 0:
-            flip = torch.rand(n, generator=generator, dtype=torch.float64) < cfg.hflip
-        randaug = None
-        if cfg.randaug_ops > 0:
-            randaug = sample_randaugment(
-                n,
-                cfg.randaug_ops,
-                cfg.randaug_magnitude,
-                cfg.randaug_bins,
-                cfg.randaug_magnitude_std,
-                oh,
-                ow,
-                generator,
-            )
-        jitter = None
-        if max(cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation, cfg.jitter_hue) > 0:
-            jitter = sample_color_jitter(
-                n,
-                cfg.jitter_brightness,
-                cfg.jitter_contrast,
-                cfg.jitter_saturation,
-                cfg.jitter_hue,
-                generator,
-            )
-        erasing = None
-        if cfg.erase_p > 0:
-            random_value = cfg.erase_value == "random"
-            erasing = sample_erasing(
-                n, oh, ow, cfg.erase_p, cfg.erase_scale, cfg.erase_ratio, random_value, generator
-            )
-        mixing = None
-        if mix and (cfg.mixup_p > 0 or cfg.cutmix_p > 0):
-            mixing = sample_mix(
-                n,
-                oh,
-                ow,
-                cfg.mixup_p,
-                cfg.mixup_alpha,
-                cfg.cutmix_p,
-                cfg.cutmix_alpha,
-                generator,
-                per_sample=cfg.mix_per_sample,
-                select=cfg.mix_select,
-                lam_clip=cfg.mix_lambda_clip,
-            )
-        return AugmentParams(crop=crop, flip=flip, randaug=randaug, jitter=jitter, erase=erasing, mix=mixing)
+        out_hw = self.output_size(height, width)
+        return sample_params(self.config, batch_size, height, width, out_hw, generator, mix=mix)
 
     def augment_uint8(self, images: Tensor, params: AugmentParams, normalize: bool = False) -> Tensor:
         """Crop, flip, RandAugment and ColorJitter (steps 1-3): the uint8-valued part of the pipeline.
@@ -253,15 +194,9 @@ class Augment:
         Returns:
             ``(B, 3, H', W')`` float32 whole numbers in [0, 255], or normalized with ``normalize``.
         """
-        backend = self.backend(images.device)
-        out_hw = self.output_size(*_image_hw(images))
         normalization = self._normalization(images.device) if normalize else None
-        if backend.fuses(params, out_hw):
-            return backend.fused(images, params, out_hw, normalization)
-        x = backend.crop(images, params.crop, params.flip, out_hw)
-        if params.randaug is not None:
-            x = backend.randaugment(x, params.randaug)
-        return backend.color_jitter_normalize(x, params.jitter, normalization)
+        out_hw = self.output_size(*_image_hw(images))
+        return self.backend(images.device).augment_uint8(images, params, out_hw, normalization)
 
     def _normalization(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """`augment_backend.normalization_constants` on ``device``, made once per device (a copy to a GPU

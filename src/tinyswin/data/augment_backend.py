@@ -1,7 +1,7 @@
 """The two backends of the augmentation pipeline: the eager PyTorch ops and the native CPU kernels.
 
 ``Augment`` runs one sequence of steps (crop and flip, RandAugment, ColorJitter with Normalize,
-RandomErasing, Mixup / CutMix) on a backend chosen once per device type:
+RandomErasing, Mixup / CutMix) on a backend chosen once per device type (``choose_backend``):
 
 - ``EagerBackend``: batched PyTorch ops (``augment_geometry``, ``augment_policy``, ``augment_mix``) on any
   device.
@@ -16,11 +16,10 @@ RandomErasing, Mixup / CutMix) on a backend chosen once per device type:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from tinyswin.data import augment_native
 from tinyswin.data.augment_config import AugmentConfig
 from tinyswin.data.augment_geometry import (
     CropBoxes,
@@ -40,20 +39,18 @@ from tinyswin.data.augment_policy import (
     randaugment_,
     randaugment_warps,
 )
+from tinyswin.data.augment_sample import AugmentParams
 
-__all__ = ["AugmentParams", "EagerBackend", "NativeBackend", "channels_first", "normalize_", "to_float_nchw"]
-
-
-@dataclass
-class AugmentParams:
-    """Every random draw for one batch (CPU tensors; None where a stage is off)."""
-
-    crop: CropBoxes | None
-    flip: Tensor
-    randaug: RandAugmentParams | None
-    jitter: ColorJitterParams | None
-    erase: EraseParams | None
-    mix: MixParams | None
+__all__ = [
+    "AugmentParams",
+    "EagerBackend",
+    "NativeBackend",
+    "channels_first",
+    "choose_backend",
+    "normalization_constants",
+    "normalize_",
+    "to_float_nchw",
+]
 
 
 def channels_first(images: Tensor) -> Tensor:
@@ -97,6 +94,13 @@ def normalize_(x: Tensor, normalization: tuple[Tensor, Tensor]) -> Tensor:
     return x.mul_(scale.view(1, 3, 1, 1)).sub_(shift.view(1, 3, 1, 1))
 
 
+def choose_backend(config: AugmentConfig, device_type: str, native: bool = True) -> EagerBackend:
+    """The backend for batches on devices of ``device_type``: ``NativeBackend`` for CPU batches with
+    ``native`` when the kernels load (``augment_native.load``), else ``EagerBackend``."""
+    kernels = augment_native.load() if native and device_type == "cpu" else None
+    return EagerBackend(config) if kernels is None else NativeBackend(config, kernels)
+
+
 class EagerBackend:
     """The pipeline's steps as batched PyTorch ops, on the batch's device.
 
@@ -115,6 +119,42 @@ class EagerBackend:
     def fuses(self, params: AugmentParams, out_hw: tuple[int, int]) -> bool:
         """Whether ``fused`` does crop, RandAugment, ColorJitter and Normalize in one call (never here)."""
         return False
+
+    def augment_uint8(
+        self,
+        images: Tensor,
+        params: AugmentParams,
+        out_hw: tuple[int, int],
+        normalization: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        """Crop and flip, RandAugment, ColorJitter and, where given, Normalize: one ``fused`` call where the
+        backend ``fuses`` them, else step by step.
+
+        Args:
+            images: uint8 ``(B, H, W, 3)`` or ``(B, 3, H, W)``.
+            params: the batch's draws.
+            out_hw: output (height, width).
+            normalization: ``(scale, shift)`` float32 ``(3,)`` on the images' device, or None.
+
+        Returns:
+            float32 ``(B, 3, H', W')``: whole numbers in [0, 255], or normalized.
+        """
+        if self.fuses(params, out_hw):
+            return self.fused(images, params, out_hw, normalization)
+        x = self.crop(images, params.crop, params.flip, out_hw)
+        if params.randaug is not None:
+            x = self.randaugment(x, params.randaug)
+        return self.color_jitter_normalize(x, params.jitter, normalization)
+
+    def fused(
+        self,
+        images: Tensor,
+        params: AugmentParams,
+        out_hw: tuple[int, int],
+        normalization: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        """Steps 1-4 in one call (``NativeBackend``; never called here, where ``fuses`` is False)."""
+        raise NotImplementedError("EagerBackend runs the steps one by one")
 
     def crop(self, images: Tensor, boxes: CropBoxes | None, flip: Tensor, out_hw: tuple[int, int]) -> Tensor:
         """Crop (or resize) to ``out_hw`` and mirror the flipped samples.

@@ -47,8 +47,6 @@ from tinyswin.data.augment_geometry import (
     _resample_weights,
     affine_from_codes,
     resize,
-    sample_pad_crop,
-    sample_resized_crop,
 )
 from tinyswin.data.augment_mix import (
     MIX_CUTMIX,
@@ -58,16 +56,10 @@ from tinyswin.data.augment_mix import (
     MixParams,
     _mix_per_sample_,
     mix_targets,
-    sample_erasing,
-    sample_mix,
     soft_targets,
 )
-from tinyswin.data.augment_policy import (
-    ColorJitterParams,
-    RandAugmentParams,
-    sample_color_jitter,
-    sample_randaugment,
-)
+from tinyswin.data.augment_policy import ColorJitterParams, RandAugmentParams
+from tinyswin.data.augment_sample import sample_colour, sample_crop, sample_erase, sample_mixing
 from tinyswin.data.augment_table import Blend, Lookup, Views, affine_codes, rows_of
 
 __all__ = ["BatchMix", "DeviceParams", "apply_device", "sample_batch_mix", "sample_device"]
@@ -167,46 +159,16 @@ def sample_device(
     Returns:
         DeviceParams.
     """
-    oh, ow = out_hw
-    crop = None
-    if cfg.crop == "rrc":
-        crop = sample_resized_crop(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator)
-    elif cfg.crop == "pad":
-        crop = sample_pad_crop(n, oh, ow, (oh, ow), cfg.crop_padding, generator)
+    crop = sample_crop(cfg, n, height, width, out_hw, generator)
     flip = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device) < cfg.hflip
-    randaug = None
-    if cfg.randaug_ops > 0:
-        randaug = sample_randaugment(
-            n, cfg.randaug_ops, cfg.randaug_magnitude, cfg.randaug_bins, cfg.randaug_magnitude_std, oh, ow,
-            generator,
-        )  # fmt: skip
-    jitter = None
-    strengths = (cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation, cfg.jitter_hue)
-    if max(strengths) > 0:
-        jitter = sample_color_jitter(n, *strengths, generator)
-    erase = None
-    if cfg.erase_p > 0:
-        random_value = cfg.erase_value == "random"
-        erase = sample_erasing(
-            n,
-            oh,
-            ow,
-            cfg.erase_p,
-            cfg.erase_scale,
-            cfg.erase_ratio,
-            random_value,
-            generator,
-            dense_noise=True,
-        )
+    randaug, jitter = sample_colour(cfg, n, out_hw, generator)
+    erase = sample_erase(cfg, n, out_hw, generator, dense_noise=True)
     mixing: BatchMix | MixParams | None = None
     if mix and (cfg.mixup_p > 0 or cfg.cutmix_p > 0):
         if cfg.mix_per_sample:
-            mixing = sample_mix(
-                n, oh, ow, cfg.mixup_p, cfg.mixup_alpha, cfg.cutmix_p, cfg.cutmix_alpha, generator,
-                per_sample=True, select=cfg.mix_select, lam_clip=cfg.mix_lambda_clip,
-            )  # fmt: skip
+            mixing = sample_mixing(cfg, n, out_hw, generator)
         else:
-            mixing = sample_batch_mix(n, oh, ow, cfg, rng, generator)
+            mixing = sample_batch_mix(n, *out_hw, cfg, rng, generator)
     return DeviceParams(crop=crop, flip=flip, randaug=randaug, jitter=jitter, erase=erase, mix=mixing)
 
 
