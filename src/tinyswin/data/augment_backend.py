@@ -6,12 +6,12 @@ RandomErasing, Mixup / CutMix) on a backend chosen once per device type (``choos
 - ``EagerBackend``: batched PyTorch ops (``augment_geometry``, ``augment_policy``, ``augment_mix``) on any
   device.
 - ``NativeBackend``: the compiled kernels of ``augment_native`` on CPU batches. Where the kernels apply,
-  crop, RandAugment, ColorJitter and Normalize are one call (``fused``), one sample at a time while it is in
-  cache. A step the kernels cannot do exactly falls back to the eager op, each decided by one predicate:
-  the crop (``native_crop``: a bilinear RandomResizedCrop that does not shrink, to power-of-two sides of
-  at most 64), the RandAugment warps (``native_warps``: nearest neighbour; the pixel ops always run
-  natively) and the mix (``native_mix``: one mode for the whole batch). Both backends give the same results
-  bit for bit.
+  crop, RandAugment, ColorJitter and Normalize are one call (``augment_uint8``, where ``fuses``), one sample
+  at a time while it is in cache. A step the kernels cannot do exactly falls back to the eager op, each
+  decided by one predicate: the crop (``native_crop``: a bilinear RandomResizedCrop that does not shrink,
+  to power-of-two sides of at most 64), the RandAugment warps (``native_warps``: nearest neighbour; the
+  pixel ops always run natively) and the mix (``native_mix``: one mode for the whole batch). Both backends
+  give the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -116,10 +116,6 @@ class EagerBackend:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kernels={self.kernels!r})"
 
-    def fuses(self, params: AugmentParams, out_hw: tuple[int, int]) -> bool:
-        """Whether ``fused`` does crop, RandAugment, ColorJitter and Normalize in one call (never here)."""
-        return False
-
     def augment_uint8(
         self,
         images: Tensor,
@@ -127,8 +123,7 @@ class EagerBackend:
         out_hw: tuple[int, int],
         normalization: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
-        """Crop and flip, RandAugment, ColorJitter and, where given, Normalize: one ``fused`` call where the
-        backend ``fuses`` them, else step by step.
+        """Crop and flip, RandAugment, ColorJitter and, where given, Normalize, step by step.
 
         Args:
             images: uint8 ``(B, H, W, 3)`` or ``(B, 3, H, W)``.
@@ -139,22 +134,10 @@ class EagerBackend:
         Returns:
             float32 ``(B, 3, H', W')``: whole numbers in [0, 255], or normalized.
         """
-        if self.fuses(params, out_hw):
-            return self.fused(images, params, out_hw, normalization)
         x = self.crop(images, params.crop, params.flip, out_hw)
         if params.randaug is not None:
             x = self.randaugment(x, params.randaug)
         return self.color_jitter_normalize(x, params.jitter, normalization)
-
-    def fused(
-        self,
-        images: Tensor,
-        params: AugmentParams,
-        out_hw: tuple[int, int],
-        normalization: tuple[Tensor, Tensor] | None,
-    ) -> Tensor:
-        """Steps 1-4 in one call (``NativeBackend``; never called here, where ``fuses`` is False)."""
-        raise NotImplementedError("EagerBackend runs the steps one by one")
 
     def crop(self, images: Tensor, boxes: CropBoxes | None, flip: Tensor, out_hw: tuple[int, int]) -> Tensor:
         """Crop (or resize) to ``out_hw`` and mirror the flipped samples.
@@ -261,27 +244,21 @@ class NativeBackend(EagerBackend):
         return not params.per_sample and int(params.mode[0]) != MIX_NONE
 
     def fuses(self, params: AugmentParams, out_hw: tuple[int, int]) -> bool:
-        """Whether ``fused`` applies: a native crop and, if drawn, RandAugment with native warps."""
+        """Whether one kernel call does steps 1-4: a native crop and, if drawn, RandAugment with native
+        warps."""
         return self.native_crop(params.crop, out_hw) and (params.randaug is None or self.native_warps)
 
-    def fused(
+    def augment_uint8(
         self,
         images: Tensor,
         params: AugmentParams,
         out_hw: tuple[int, int],
         normalization: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
-        """Crop, flip, RandAugment, ColorJitter and Normalize in one call, each sample while it is in cache.
-
-        Args:
-            images: uint8 ``(B, H, W, 3)`` or ``(B, 3, H, W)`` CPU batch.
-            params: the batch's draws (``fuses`` true for them).
-            out_hw: output (height, width).
-            normalization: ``(scale, shift)`` float32 ``(3,)``, or None.
-
-        Returns:
-            float32 ``(B, 3, H', W')``.
-        """
+        """``EagerBackend.augment_uint8`` in one kernel call where ``fuses``, each sample while it is in
+        cache; else step by step."""
+        if not self.fuses(params, out_hw):
+            return super().augment_uint8(images, params, out_hw, normalization)
         ys, xs = crop_source_coords(params.crop, params.flip, out_hw)
         randaug = jitter = None
         if params.randaug is not None:

@@ -145,16 +145,9 @@ def sample_device(
     rng: random.Random,
     mix: bool = True,
 ) -> DeviceParams:
-    """Draw a batch's parameters on ``generator``'s device (per-batch mixing on the host, from ``rng``).
-
-    Args:
-        cfg: the pipeline.
-        n: batch size.
-        height, width: stored image size.
-        out_hw: output size.
-        generator: a generator of the batch's device.
-        rng: the host stream of the per-batch mixing.
-        mix: draw Mixup / CutMix.
+    """Draw a batch's parameters on ``generator``'s device, a generator of the batch's device, by the stages
+    of ``augment_sample.sample_params`` (same arguments); the flips are always drawn, the erasing noise as a
+    dense batch, the per-batch mixing on the host from ``rng``.
 
     Returns:
         DeviceParams.
