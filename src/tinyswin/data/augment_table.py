@@ -5,8 +5,8 @@ torchvision's ``_augmentation_space``), whether the argument takes a random sign
 its eager op) and its code in the C kernels' switch (``augment_kernels.c``; a test checks the two agree).
 The rows stand in torchvision's order; an op's index in ``RandAugmentParams.ops`` is its row's index here,
 and every backend finds what it needs through the row (``augment_policy``, ``augment_device``,
-``augment_native``), never through a position. Adding an op is a row here, its eager op (``augment_ops``)
-and its case in ``augment_kernels.c``.
+``augment_native``): no code names an op's position. Adding an op, anywhere in the table, is a row here,
+its eager op (``augment_ops``) and its kernel in ``augment_kernels.c`` (an enum entry and a case).
 
 The kinds:
 
@@ -282,6 +282,7 @@ def op_row(name: str) -> RandAugmentOp:
     raise ValueError(f"unknown RandAugment op {name!r}; expected one of {RANDAUGMENT_OPS}")
 
 
+@lru_cache(maxsize=4)
 def rows_of(kind: type) -> tuple[tuple[int, RandAugmentOp], ...]:
     """``(index, row)`` of every op of one kind (``Geometric``, ``Lookup``, ``Blend``), in table order."""
     return tuple((k, row) for k, row in enumerate(RANDAUGMENT) if row.kind is kind)
