@@ -108,20 +108,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint on a split: loss, top-1, top-5."""
+    """Evaluate a checkpoint (or an ONNX file) on a split: loss, top-1, top-5."""
     from tinyswin.evaluate import evaluate_checkpoint
+    from tinyswin.evaluate_onnx import evaluate_onnx
 
-    result = evaluate_checkpoint(
-        args.checkpoint,
-        data=args.data,
-        split=args.split,
-        batch_size=args.batch_size,
-        device=args.device,
-        ema=args.ema,
-        tta=args.tta,
-        log=(lambda _msg: None) if args.json else print,
-        progress=not args.json,
-    )
+    log = (lambda _msg: None) if args.json else print
+    if args.onnx is not None:
+        if args.checkpoint is not None:
+            raise ValueError(f"give either a checkpoint ({args.checkpoint}) or --onnx {args.onnx}, not both")
+        if args.ema:
+            raise ValueError(
+                f"{args.onnx}: an ONNX model holds the weights it was exported with: leave out --ema"
+            )
+        result = evaluate_onnx(
+            args.onnx, data=args.data, split=args.split, batch_size=args.batch_size, tta=args.tta, log=log,
+            progress=not args.json,
+        )  # fmt: skip
+    elif args.checkpoint is None:
+        raise ValueError("no model given: name a checkpoint or run directory, or --onnx MODEL.onnx")
+    else:
+        result = evaluate_checkpoint(
+            args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+            ema=args.ema, tta=args.tta, log=log, progress=not args.json,
+        )  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
@@ -316,9 +325,24 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     """`tinyswin eval CHECKPOINT`."""
-    p = sub.add_parser("eval", help="evaluate a checkpoint: loss, top-1, top-5")
-    p.add_argument("checkpoint", help="a .pt checkpoint, or a run directory (its best.pt, else last.pt)")
-    p.add_argument("--data", default=None, help="cache or dataset (default: the run's own)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint or an ONNX file: loss, top-1, top-5")
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=None,
+        help="a .pt checkpoint, a run directory (its best.pt, else last.pt) or an exported safetensors "
+        "folder (left out with --onnx)",
+    )
+    p.add_argument(
+        "--onnx",
+        default=None,
+        metavar="MODEL.onnx",
+        help="evaluate an exported ONNX file (or its .int8.onnx copy) with ONNX Runtime, preprocessed as the "
+        "run evaluated; needs --data",
+    )
+    p.add_argument(
+        "--data", default=None, help="cache or dataset (default: the run's own; required with --onnx)"
+    )
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
