@@ -184,6 +184,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Search training configs with Optuna; write the best one as a preset."""
+    from tinyswin.tune import TuneOptions, run_study
+    from tinyswin.tune_space import read_space
+
+    if args.trials < 1:
+        raise ValueError(f"--trials {args.trials}: expected an integer >= 1")
+    if args.epochs is not None and args.time_budget is not None:
+        raise ValueError("give a trial's budget as --epochs or --time-budget, not both")
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.source={json.dumps(args.data)}")
+    options = TuneOptions(
+        space=read_space(args.space), trials=args.trials, storage=args.storage, study=args.study,
+        out=Path(args.out) if args.out else None, overrides=tuple(overrides), epochs=args.epochs,
+        time_budget=args.time_budget,
+    )  # fmt: skip
+    try:
+        result = run_study(options)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(
+            f"tinyswin tune: interrupted; the trial that ran is recorded as failed. Run the same command "
+            f"again to continue study {options.study_name!r}",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    return 0 if result.best is not None else 1
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Redraw the plots of a run directory."""
     from tinyswin.plots import plot_run
@@ -428,6 +458,55 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin tune SPACE.yaml`."""
+    p = sub.add_parser(
+        "tune",
+        help="search training configs with Optuna (extra [tune]); the best becomes a preset",
+        description="Run a study over the config keys SPACE.yaml names (a distribution each, the budget "
+        "of a trial, the pruner: see the README). Every trial is a run directory OUT/trial-NNNN; trials "
+        "score on a holdout carved from train (data.val_split=holdout), each epoch reported to the pruner. "
+        "At the end the best trial's config is written as OUT/best.yaml (tinyswin train --config "
+        "OUT/best.yaml) and its val top-1 is measured once. The same command again resumes the study; "
+        "several processes on one storage share it.",
+    )
+    p.add_argument("space", metavar="SPACE.yaml", help="the search space file")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=20,
+        help="finished trials (complete, pruned or failed) the study should hold, counting those of earlier "
+        "runs and of other processes (default: 20)",
+    )
+    p.add_argument(
+        "--storage",
+        default="sqlite:///tune.db",
+        metavar="URL",
+        help="Optuna storage: an SQLAlchemy URL (default: sqlite:///tune.db in the current folder; "
+        "postgresql://USER:PASSWORD@HOST/DB lets several machines join)",
+    )
+    p.add_argument("--study", default=None, metavar="NAME", help="the study's name (default: SPACE's stem)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="trials' run directories and best.yaml (default: runs/tune-NAME)",
+    )
+    p.add_argument(
+        "--data", default=None, help="a cache or a dataset, as train --data (default: the config's)"
+    )
+    p.add_argument("--epochs", type=int, default=None, help="the budget of a trial in epochs (over SPACE's)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the budget of a trial in seconds (train --time-budget; over SPACE's)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every trial")
+    p.set_defaults(func=cmd_tune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `tinyswin` command."""
     parser = argparse.ArgumentParser(
@@ -445,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_export(sub)
     _add_plot(sub)
+    _add_tune(sub)
     return parser
 
 
@@ -453,7 +533,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     args, extra = parser.parse_known_args(argv)
     overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in overrides]
-    if args.command != "train" and overrides:
+    if args.command not in ("train", "tune") and overrides:
         unknown = extra
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
