@@ -214,6 +214,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if result.best is not None else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write one self-contained HTML report of one or more runs."""
+    from tinyswin.report_html import write_report
+
+    start = time.perf_counter()
+    out, runs = write_report(
+        args.runs,
+        args.out,
+        data=args.data,
+        split=args.split,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+    )
+    for run in runs:
+        for note in run.notes:
+            print(f"{run.name}: {note}")
+    size = out.stat().st_size
+    print(f"report: {out} ({size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Redraw the plots of a run directory."""
     from tinyswin.plots import plot_run
@@ -458,6 +479,30 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin report RUN [RUN ...]`."""
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML report of runs: curves, numbers, what the model gets wrong",
+        description="Write one HTML file (no network, images inline) with the runs' learning curves "
+        "overlaid, their final numbers and the config keys in which they differ, and for each run: "
+        "per-class accuracy, the most confused pairs with their val images, the most confident mistakes "
+        "with their top-3 predictions, and the reliability diagram with the expected calibration error. "
+        "Each run's model (best.pt, else last.pt) is evaluated on its data; a run whose data or checkpoint "
+        "is gone gets its curves and tables from summary.json and a line saying why its images are missing.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
+    p.add_argument(
+        "--data", default=None, help="the cache or dataset the images come from (default: each run's own)"
+    )
+    p.add_argument(
+        "--split", default=None, help="the split to analyse (default: val, else the run's selection split)"
+    )
+    p.add_argument("--device", default="cpu", help="where the models run: cpu, cuda, ... (default: cpu)")
+    p.set_defaults(func=cmd_report)
+
+
 def _add_tune(sub: argparse._SubParsersAction) -> None:
     """`tinyswin tune SPACE.yaml`."""
     p = sub.add_parser(
@@ -525,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_plot(sub)
     _add_tune(sub)
+    _add_report(sub)
     return parser
 
 
