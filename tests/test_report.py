@@ -159,6 +159,7 @@ def test_the_report_of_a_200_class_run_opens_in_chromium(run_200: Path, tmp_path
         pytest.skip(
             "chromium is not installed (.ci/run installs Debian's chromium): the report is not opened"
         )
+    pytest.importorskip("websockets", reason="websockets (the test extra) drives chromium: not installed")
     out, reports = write_report([run_200], tmp_path / "report.html", log=_quiet)
     analysis = reports[0].analysis
     assert analysis is not None and analysis.n == 2000 and len(analysis.class_names) == 200

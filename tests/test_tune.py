@@ -198,3 +198,27 @@ def test_two_processes_share_a_study_that_survives_ctrl_c_and_a_kill(tmp_path: P
             "--out", str(rerun), "--quiet"]  # fmt: skip
     subprocess.run(argv, env=env, check=True, capture_output=True)
     assert _summary(rerun)["holdout_top1"] == best.value
+
+
+@pytest.mark.parametrize(("warmup", "pruned_at"), [(0, 1), (1, 2), (2, None)])
+def test_the_median_pruner_spares_the_first_warmup_epochs(
+    tmp_path: Path, warmup: int, pruned_at: int | None
+) -> None:
+    from tinyswin.tune import _pruner
+    from tinyswin.tune_space import read_space
+
+    space = _space(
+        tmp_path / "s.yaml", [], pruner={"type": "median", "startup_trials": 1, "warmup_epochs": warmup}
+    )
+    study = optuna.create_study(direction="maximize", pruner=_pruner(optuna, read_space(space), 2))
+    done = study.ask()
+    for epoch in (1, 2):
+        done.report(0.5, epoch)
+    study.tell(done, 0.5)
+    trial = study.ask()
+    pruned = None
+    for epoch in (1, 2):  # epochs are the steps: 1, 2, ...
+        trial.report(0.1, epoch)
+        if pruned is None and trial.should_prune():
+            pruned = epoch
+    assert pruned == pruned_at

@@ -122,8 +122,9 @@ def base_config(options: TuneOptions) -> TrainConfig:
 def _pruner(optuna: Any, space: Space, epochs: int | None) -> Any:
     args = dict(space.pruner_args)
     if space.pruner == "median":
+        # steps are epoch numbers (1, 2, ...) and Optuna prunes from step n_warmup_steps on
         return optuna.pruners.MedianPruner(
-            n_startup_trials=args.get("startup_trials", 2), n_warmup_steps=args.get("warmup_epochs", 0)
+            n_startup_trials=args.get("startup_trials", 2), n_warmup_steps=args.get("warmup_epochs", 0) + 1
         )
     if space.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(
