@@ -40,7 +40,7 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def numbers(record: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, float]:
-    """The finite-or-not numeric entries of a flat record (no bools, no nested values), as floats."""
+    """The numeric entries of a flat record (no bools, no nested values), as floats."""
     left_out = set(skip)
     return {
         key: float(value)
@@ -91,7 +91,6 @@ class WandbTracker:
             id=run_id,
             resume="allow",
             config=config,
-            reinit="create_new",
         )
         if run_id is not None:
             self.run.config.update(config, allow_val_change=True)  # keys changed on resume
@@ -247,8 +246,6 @@ class Trackers:
     def close(self, finished: bool = False) -> None:
         """Close every run (not `finished`: stopped, to be continued by a resume); calling it again does
         nothing."""
-        active, self.active = self.active, {}
-        for name, tracker in active.items():
-            self.active[name] = tracker
+        for name, tracker in list(self.active.items()):
             self._guard(name, lambda t=tracker: t.end(finished))
-            self.active.pop(name, None)
+        self.active = {}
