@@ -72,6 +72,9 @@ CASES: dict[str, tuple[Any, Any]] = {
     "threads": (-1, 0),
     "time_budget": (0.0, 1e-9),
     "tensorboard": (None, False),
+    "log.wandb": ("yes", True),
+    "log.mlflow": (None, False),
+    "log.project": ("  ", "p"),
     "init": ("timm:", "timm:swin_tiny_patch4_window7_224"),
 }
 

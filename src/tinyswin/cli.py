@@ -108,20 +108,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint on a split: loss, top-1, top-5."""
+    """Evaluate a checkpoint (or an ONNX file) on a split: loss, top-1, top-5."""
     from tinyswin.evaluate import evaluate_checkpoint
+    from tinyswin.evaluate_onnx import evaluate_onnx
 
-    result = evaluate_checkpoint(
-        args.checkpoint,
-        data=args.data,
-        split=args.split,
-        batch_size=args.batch_size,
-        device=args.device,
-        ema=args.ema,
-        tta=args.tta,
-        log=(lambda _msg: None) if args.json else print,
-        progress=not args.json,
-    )
+    log = (lambda _msg: None) if args.json else print
+    if args.onnx is not None:
+        if args.checkpoint is not None:
+            raise ValueError(f"give either a checkpoint ({args.checkpoint}) or --onnx {args.onnx}, not both")
+        if args.ema:
+            raise ValueError(
+                f"{args.onnx}: an ONNX model holds the weights it was exported with: leave out --ema"
+            )
+        result = evaluate_onnx(
+            args.onnx, data=args.data, split=args.split, batch_size=args.batch_size, tta=args.tta, log=log,
+            progress=not args.json,
+        )  # fmt: skip
+    elif args.checkpoint is None:
+        raise ValueError("no model given: name a checkpoint or run directory, or --onnx MODEL.onnx")
+    else:
+        result = evaluate_checkpoint(
+            args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+            ema=args.ema, tta=args.tta, log=log, progress=not args.json,
+        )  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
@@ -172,6 +181,57 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export(args.checkpoint, args.format, args.out, ema=args.ema, quantize=args.quantize)
     for path in result.paths:
         print(f"exported {path}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Search training configs with Optuna; write the best one as a preset."""
+    from tinyswin.tune import TuneOptions, run_study
+    from tinyswin.tune_space import read_space
+
+    if args.trials < 1:
+        raise ValueError(f"--trials {args.trials}: expected an integer >= 1")
+    if args.epochs is not None and args.time_budget is not None:
+        raise ValueError("give a trial's budget as --epochs or --time-budget, not both")
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.source={json.dumps(args.data)}")
+    options = TuneOptions(
+        space=read_space(args.space), trials=args.trials, storage=args.storage, study=args.study,
+        out=Path(args.out) if args.out else None, overrides=tuple(overrides), epochs=args.epochs,
+        time_budget=args.time_budget,
+    )  # fmt: skip
+    try:
+        result = run_study(options)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(
+            f"tinyswin tune: interrupted; the trial that ran is recorded as failed. Run the same command "
+            f"again to continue study {options.study_name!r}",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    return 0 if result.best is not None else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write one self-contained HTML report of one or more runs."""
+    from tinyswin.report_html import write_report
+
+    start = time.perf_counter()
+    out, runs = write_report(
+        args.runs,
+        args.out,
+        data=args.data,
+        split=args.split,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+    )
+    for run in runs:
+        for note in run.notes:
+            print(f"{run.name}: {note}")
+    size = out.stat().st_size
+    print(f"report: {out} ({size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s)")
     return 0
 
 
@@ -316,9 +376,24 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     """`tinyswin eval CHECKPOINT`."""
-    p = sub.add_parser("eval", help="evaluate a checkpoint: loss, top-1, top-5")
-    p.add_argument("checkpoint", help="a .pt checkpoint, or a run directory (its best.pt, else last.pt)")
-    p.add_argument("--data", default=None, help="cache or dataset (default: the run's own)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint or an ONNX file: loss, top-1, top-5")
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=None,
+        help="a .pt checkpoint, a run directory (its best.pt, else last.pt) or an exported safetensors "
+        "folder (left out with --onnx)",
+    )
+    p.add_argument(
+        "--onnx",
+        default=None,
+        metavar="MODEL.onnx",
+        help="evaluate an exported ONNX file (or its .int8.onnx copy) with ONNX Runtime, preprocessed as the "
+        "run evaluated; needs --data",
+    )
+    p.add_argument(
+        "--data", default=None, help="cache or dataset (default: the run's own; required with --onnx)"
+    )
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -404,6 +479,79 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin report RUN [RUN ...]`."""
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML report of runs: curves, numbers, what the model gets wrong",
+        description="Write one HTML file (no network, images inline) with the runs' learning curves "
+        "overlaid, their final numbers and the config keys in which they differ, and for each run: "
+        "per-class accuracy, the most confused pairs with their val images, the most confident mistakes "
+        "with their top-3 predictions, and the reliability diagram with the expected calibration error. "
+        "Each run's model (best.pt, else last.pt) is evaluated on its data; a run whose data or checkpoint "
+        "is gone gets its curves and tables from summary.json and a line saying why its images are missing.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
+    p.add_argument(
+        "--data", default=None, help="the cache or dataset the images come from (default: each run's own)"
+    )
+    p.add_argument(
+        "--split", default=None, help="the split to analyse (default: val, else the run's selection split)"
+    )
+    p.add_argument("--device", default="cpu", help="where the models run: cpu, cuda, ... (default: cpu)")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    """`tinyswin tune SPACE.yaml`."""
+    p = sub.add_parser(
+        "tune",
+        help="search training configs with Optuna (extra [tune]); the best becomes a preset",
+        description="Run a study over the config keys SPACE.yaml names (a distribution each, the budget "
+        "of a trial, the pruner: see the README). Every trial is a run directory OUT/trial-NNNN; trials "
+        "score on a holdout carved from train (data.val_split=holdout), each epoch reported to the pruner. "
+        "At the end the best trial's config is written as OUT/best.yaml (tinyswin train --config "
+        "OUT/best.yaml) and its val top-1 is measured once. The same command again resumes the study; "
+        "several processes on one storage share it.",
+    )
+    p.add_argument("space", metavar="SPACE.yaml", help="the search space file")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=20,
+        help="finished trials (complete, pruned or failed) the study should hold, counting those of earlier "
+        "runs and of other processes (default: 20)",
+    )
+    p.add_argument(
+        "--storage",
+        default="sqlite:///tune.db",
+        metavar="URL",
+        help="Optuna storage: an SQLAlchemy URL (default: sqlite:///tune.db in the current folder; "
+        "postgresql://USER:PASSWORD@HOST/DB lets several machines join)",
+    )
+    p.add_argument("--study", default=None, metavar="NAME", help="the study's name (default: SPACE's stem)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="trials' run directories and best.yaml (default: runs/tune-NAME)",
+    )
+    p.add_argument(
+        "--data", default=None, help="a cache or a dataset, as train --data (default: the config's)"
+    )
+    p.add_argument("--epochs", type=int, default=None, help="the budget of a trial in epochs (over SPACE's)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the budget of a trial in seconds (train --time-budget; over SPACE's)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every trial")
+    p.set_defaults(func=cmd_tune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `tinyswin` command."""
     parser = argparse.ArgumentParser(
@@ -421,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_export(sub)
     _add_plot(sub)
+    _add_tune(sub)
+    _add_report(sub)
     return parser
 
 
@@ -429,7 +579,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     args, extra = parser.parse_known_args(argv)
     overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in overrides]
-    if args.command != "train" and overrides:
+    if args.command not in ("train", "tune") and overrides:
         unknown = extra
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -127,6 +127,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    """Experiment trackers (rank 0 only; a tracker that fails is one warning and the run goes on).
+
+    `wandb` needs the extra [wandb] (honours WANDB_MODE=offline), `mlflow` the extra [mlflow] (writes to
+    MLFLOW_TRACKING_URI, or ./mlruns). Both name the tracker's run after the run directory.
+    """
+
+    wandb: bool = False  # log to Weights & Biases
+    mlflow: bool = False  # log to MLflow
+    project: str = "tinyswin"  # the W&B project and the MLflow experiment
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs besides the run directory."""
 
@@ -137,6 +150,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     batch_size: int = 128  # global: summed over processes and accumulation steps
     accumulation: int = 1  # micro-batches per optimizer step
     eval_batch_size: int = 256  # per process
@@ -380,7 +394,7 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
     return items
 
 
-_SECTIONS = ("model", "data", "augment", "optim", "schedule", "ema", "checkpoint")
+_SECTIONS = ("model", "data", "augment", "optim", "schedule", "ema", "checkpoint", "log")
 _EXTERNAL = ("model", "augment")  # sections whose overrides are the fields of another module's dataclass
 
 

@@ -71,8 +71,8 @@ class EvalResult:
         }
 
     def summary(self, class_names: list[str]) -> dict[str, Any]:
-        """Top-1/5, loss, per-class accuracy, confusion matrix and ECE, as plain data (with 'flip', also
-        the top-1/5 and loss without test-time augmentation)."""
+        """Top-1/5, loss, per-class accuracy, confusion matrix, ECE and its bins, as plain data (with 'flip',
+        also the top-1/5 and loss without test-time augmentation)."""
         per_class = per_class_accuracy(self.confusion)
         out = {
             "n": self.n,
@@ -83,6 +83,7 @@ class EvalResult:
             "tta": self.tta,
             "per_class_accuracy": dict(zip(class_names, per_class, strict=True)),
             "confusion_matrix": self.confusion.tolist(),
+            "calibration_bins": self.bins.tolist(),  # (3, n_bins): count, sum of confidences, correct
         }
         return out | self.no_tta()
 

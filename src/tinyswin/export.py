@@ -181,10 +181,15 @@ def export_safetensors(loaded: LoadedModel, out: Path) -> ExportResult:
 # ----------------------------------------------------------------------------------------------------
 
 
+EVAL_KEYS = ("label_smoothing", "tta")  # of the training config, kept in an ONNX file's metadata
+
+
 def onnx_metadata(info: ModelInfo) -> dict[str, str]:
-    """The ONNX metadata_props: each ModelInfo field (but the training config) as a JSON string."""
+    """The ONNX metadata_props: each ModelInfo field as a JSON string; of the training config, only what
+    evaluating the file needs (`label_smoothing` of the reported loss, `tta`)."""
     data = info.to_json()
-    data.pop("train_config")
+    config = data.pop("train_config") or {}
+    data["train_config"] = {key: config[key] for key in EVAL_KEYS if key in config}
     return {"library": "tinyswin", **{key: json.dumps(value) for key, value in data.items()}}
 
 

@@ -12,6 +12,9 @@ from tinyswin.errors import TinyswinError
 EXTRAS = {
     "export": ("onnx", "onnxruntime", "onnxscript", "safetensors"),
     "timm": ("timm",),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "tune": ("optuna",),
 }
 
 

@@ -147,6 +147,11 @@ RANGES: Mapping[str, Range] = types.MappingProxyType(
         "threads": interval(0, integer=True),
         "time_budget": interval(0, open_low=True, null="null (no budget)"),
         "tensorboard": boolean(),
+        "log.wandb": boolean(),
+        "log.mlflow": boolean(),
+        "log.project": Range(
+            lambda value: isinstance(value, str) and value.strip() != "", "a non-empty name"
+        ),
         "init": Range(
             lambda value: value is None or (isinstance(value, str) and value.strip() not in ("", "timm:")),
             "a weights file, a run or export folder, timm:NAME, or null (fresh weights)",

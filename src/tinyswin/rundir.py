@@ -9,6 +9,7 @@
     RUN_DIR/plots/          loss, accuracy and learning rate, redrawn as the run goes
     RUN_DIR/tensorboard/    event files, when TensorBoard is installed and `tensorboard` is on
     RUN_DIR/summary.json    the final numbers
+    RUN_DIR/trackers.json   the runs of the experiment trackers (`log.wandb`, `log.mlflow`), for a resume
     RUN_DIR/.lock           the OS file lock of the training that owns the directory (.lock.pid: its pid)
 
 One training owns a run directory at a time: `RunDir.open` takes an OS file lock (`flock`, which the OS drops
@@ -44,11 +45,12 @@ from tinyswin.checkpoint import (
     load_checkpoint,
     remove_stale_temps,
 )
-from tinyswin.config import TrainConfig, to_yaml
+from tinyswin.config import TrainConfig, to_dict, to_yaml
 from tinyswin.engine import LoopState
 from tinyswin.errors import RunDirError, disk_full_cause, disk_full_error, disk_full_reason
 from tinyswin.evaluate import EvalResult
 from tinyswin.plots import plot_run
+from tinyswin.trackers import STATE_FILE, Trackers
 
 LogFn = Callable[[str], None]
 
@@ -56,7 +58,7 @@ LOCK_NAME = ".lock"
 LOCK_PID_NAME = ".lock.pid"
 # what a run writes besides its lock: any of them in a directory means a run was there
 RUN_FILES = frozenset(
-    {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "plots", "tensorboard"}
+    {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "plots", "tensorboard", STATE_FILE}
 )
 CHECKPOINT_MARGIN = 1.1  # free space wanted before a checkpoint write, in sizes of the previous checkpoint
 
@@ -176,9 +178,18 @@ class RunDir:
         path: the folder (created by `open` for a new run).
         main: this process locks and writes (rank 0); other ranks only read.
         say: where messages go.
+        on_epoch: called with each epoch's record once its files are written (rank 0); what it raises
+            stops the training (e.g. a study pruning a trial).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, main: bool, say: LogFn) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        main: bool,
+        say: LogFn,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.main = main
         self.say = say
@@ -188,6 +199,8 @@ class RunDir:
         self.lock_file = self.path / LOCK_NAME
         self.pid_file = self.path / LOCK_PID_NAME
         self.writer: Any = None
+        self.trackers: Trackers | None = None  # W&B / MLflow, when the config turns them on
+        self.on_epoch = on_epoch
         self._lock: FileLock | None = None
         self._created: list[Path] = []  # made by `open` (the folder, .lock): removed if `open` fails
         self._metric_lines: list[str] = []
@@ -328,6 +341,9 @@ class RunDir:
         if self.writer is not None:
             writer, self.writer = self.writer, None
             writer.close()
+        if self.trackers is not None:
+            trackers, self.trackers = self.trackers, None
+            trackers.close(finished=False)
         self._release(undo=False)
 
     @contextmanager
@@ -378,6 +394,8 @@ class RunDir:
         self.write_config(cfg)
         self._write_metrics([json.dumps(r) + "\n" for r in history])
         self.writer = _tensorboard(self.path, cfg.tensorboard, self.say)
+        self.trackers = Trackers.from_config(self.path, cfg.log, self.say)
+        self.trackers.start(to_dict(cfg), history, write_text_atomic)
 
     def write_config(self, cfg: TrainConfig) -> None:
         """config.yaml: the config as it stands (a time budget's plan changes its schedule)."""
@@ -426,6 +444,10 @@ class RunDir:
                 if isinstance(value, (int, float)) and key != "epoch":
                     self.writer.add_scalar(key, value, record["epoch"])
             self.writer.flush()
+        if self.trackers is not None:
+            self.trackers.log_epoch(record)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
 
     def flush(self) -> None:
         """Write the checkpoints kept in memory since the last write: best.pt, then last.pt (a run that stops
@@ -454,6 +476,10 @@ class RunDir:
         path = self.path / "summary.json"
         with self._guard(path):
             write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
+        if self.trackers is not None:
+            files = [*sorted((self.path / "plots").glob("*.png")), self.path / "config.yaml", path]
+            trackers, self.trackers = self.trackers, None
+            trackers.finish(summary, files)
         best = summary["best_split"]
         self.say(
             f"done: {best} top-1 {100 * summary[f'{best}_top1']:.2f}% (best "

@@ -457,6 +457,7 @@ def train(
     dist: DistContext | None = None,
     progress: bool | None = None,
     log: LogFn | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train a model as `cfg` says, writing everything to `run_dir`; returns the summary.
 
@@ -467,6 +468,8 @@ def train(
         dist: the process context (None: one process).
         progress: tqdm bars per epoch (None: when stderr is a terminal).
         log: where progress lines go (default: print, rank 0 only).
+        on_epoch: called with each epoch's record (a line of metrics.jsonl) once its files are written, on
+            rank 0; what it raises stops the training there (`tinyswin.tune` prunes trials with it).
 
     Returns:
         The summary (also written to `run_dir/summary.json`).
@@ -486,7 +489,9 @@ def train(
     dist = dist or DistContext()
     say: LogFn = (log or print) if dist.is_main else (lambda _msg: None)
     progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
-    with RunDir(run_dir, main=dist.is_main, say=say) as rundir:  # owned by this training until the end
+    with RunDir(
+        run_dir, main=dist.is_main, say=say, on_epoch=on_epoch
+    ) as rundir:  # owned by this training until the end
         ckpt = rundir.open(resume)
         run = setup_run(
             cfg, dist, ckpt=ckpt, source=rundir.last, wall_start=wall_start, say=say, progress=progress

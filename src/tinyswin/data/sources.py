@@ -46,7 +46,8 @@ def resolve_data(
         source: a cache folder, a dataset (zip, folder or CIFAR tarball), a dataset name tinyswin downloads
             (its archive in the default download folder), or None.
         size: image side when a source is prepared.
-        holdout: fraction of every train class kept aside as split 'holdout' when preparing.
+        holdout: fraction of every train class kept aside as split 'holdout' (when preparing; the built-in
+            set carves it too).
         holdout_seed: seed of that draw.
         log: where the notes about preparing go (and the one about a val split carved from train).
         progress: show the progress bar of preparing (and of downloading).
@@ -61,7 +62,7 @@ def resolve_data(
         ValueError: the source cannot be prepared (its layout, bad images; the message says which).
     """
     if source is None:
-        return ensure_synthetic()
+        return ensure_synthetic(holdout=holdout, holdout_seed=holdout_seed)
     archive = resolve_known(source, download=download, progress=progress, log=log)
     path = archive if archive is not None else Path(source).expanduser()
     if not path.exists():

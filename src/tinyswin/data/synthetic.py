@@ -112,24 +112,51 @@ def synthetic_splits(
     }
 
 
+def carve_holdout(
+    images: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Split 'holdout' carved from train as `prepare` carves it: in each class, round(fraction * n) images
+    (>= 1, < n), drawn with `seed`; rows keep their order.
+
+    Returns:
+        {"train": (images, labels), "holdout": (images, labels)}.
+    """
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(labels), dtype=bool)
+    for cls in np.unique(labels):
+        rows = np.flatnonzero(labels == cls)
+        k = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+        held[rng.permutation(rows)[:k]] = True
+    return {"train": (images[~held], labels[~held]), "holdout": (images[held], labels[held])}
+
+
 def ensure_synthetic(
     root: str | os.PathLike[str] | None = None,
     size: int = 32,
     train_per_class: int = 300,
     val_per_class: int = 50,
     seed: int = 0,
+    holdout: float = 0.0,
+    holdout_seed: int = 0,
 ) -> Path:
     """The built-in dataset as a cache under `root` (default: `tinyswin.paths.cache_root()`), written once.
+
+    With `holdout` > 0 the cache also holds split 'holdout', that fraction of every train class (drawn with
+    `holdout_seed`), left out of train.
 
     Returns:
         The cache folder (reused when it already exists).
     """
     root = Path(root) if root is not None else cache_root()
     name = f"synthetic-v{VERSION}-{size}px-{train_per_class}x{val_per_class}-seed{seed}"
+    if holdout > 0:
+        name += f"-holdout{holdout:g}-seed{holdout_seed}"
     path = root / name
     if is_cache(path):
         return path
     splits = synthetic_splits(size, train_per_class, val_per_class, seed)
+    if holdout > 0:
+        splits = {**carve_holdout(*splits["train"], holdout, holdout_seed), "val": splits["val"]}
     root.mkdir(parents=True, exist_ok=True)
     try:
         return write_cache(
@@ -138,7 +165,14 @@ def ensure_synthetic(
             class_ids=[f"shape{i}" for i in range(len(CLASS_NAMES))],
             class_names=list(CLASS_NAMES),
             source=f"tinyswin synthetic shapes and textures v{VERSION} (seed {seed})",
-            extra_meta={"synthetic": {"version": VERSION, "seed": seed}},
+            extra_meta={
+                "synthetic": {
+                    "version": VERSION,
+                    "seed": seed,
+                    "holdout": holdout,
+                    "holdout_seed": holdout_seed,
+                }
+            },
         )
     except (OSError, FileExistsError):
         if is_cache(path):  # another process wrote it first
