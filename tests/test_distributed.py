@@ -48,6 +48,8 @@ TINY = [
     "augment.preset=none",
     "augment.hflip=0",
     "tensorboard=false",
+    "precision=fp32",  # the comparison is of the arithmetic: bf16 rounding (precision=auto on a CPU with bf16
+    # instructions) would amplify the different summation orders of one and two processes
     "batch_size=16",
     "eval_batch_size=4",
 ]

@@ -91,6 +91,10 @@ def from_timm(
         raise ValueError(f"from_timm: expected a timm model or a state dict, got {type(model_or_state_dict)}")
     if config.stem != "patch":
         raise ValueError(f"from_timm: config.stem={config.stem!r}, and timm's Swin has a patch embedding")
+    if config.lsa:
+        raise ValueError(
+            "from_timm: config.lsa is true, and timm's Swin attention has no learned temperature"
+        )
     model = SwinTransformer(config)
     model.load_state_dict(map_state_dict(state, model))
     return model
@@ -166,6 +170,8 @@ def _timm_problem(model: SwinTransformer) -> str | None:
     config = model.config
     if config.stem != "patch":
         return f"stem is {config.stem!r} and timm's Swin embeds patches with one convolution"
+    if config.lsa:
+        return "lsa is true and timm's Swin attention has no learned temperature nor a masked diagonal"
     if not config.patch_norm:
         return "patch_norm is false and timm always normalises the patch embedding"
     height, width = config.img_size if isinstance(config.img_size, tuple) else (config.img_size,) * 2

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 IntPair = tuple[int, int]
-STEMS = ("patch", "conv")
+STEMS = ("patch", "conv", "spt")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -55,9 +55,12 @@ class SwinConfig:
         shift_full_window: Shift every second block even where the window covers the whole feature map (by
             window // 2, with the usual mask). Official Swin drops the shift there.
         rpb_init_std: Std of the truncated normal that initialises the relative position tables (0: zeros).
-        stem: How pixels become tokens: "patch" (one conv, kernel = stride = patch size, as official Swin) or
+        stem: How pixels become tokens: "patch" (one conv, kernel = stride = patch size, as official Swin),
             "conv" (`ConvStem`: 3x3 stride-2 convs to the patch size's stride, then a 1x1 conv; patch_size a
-            power of two >= 2).
+            power of two >= 2) or "spt" (`ShiftedPatchEmbed`: shifted patch tokenization, Lee et al. 2021;
+            patch_size even).
+        lsa: Locality self-attention (Lee et al. 2021): a learned softmax temperature per attention layer and
+            no attention of a token to itself.
     """
 
     img_size: int | tuple[int, int] = 224
@@ -74,7 +77,8 @@ class SwinConfig:
     patch_norm: bool = True
     shift_full_window: bool = False
     rpb_init_std: float = 0.02
-    stem: Literal["patch", "conv"] = "patch"  # "conv": early convolutions (Xiao et al. 2021)
+    stem: Literal["patch", "conv", "spt"] = "patch"  # "conv": early convolutions (Xiao et al. 2021)
+    lsa: bool = False
 
     def __post_init__(self) -> None:
         # Lists (from YAML or JSON) become tuples so that the config stays hashable and comparable.
@@ -126,7 +130,7 @@ class SwinConfig:
             fail("drop_path_rate", "must be in [0, 1)")
         if not (isinstance(self.rpb_init_std, (int, float)) and self.rpb_init_std >= 0.0):
             fail("rpb_init_std", "must be >= 0")
-        for name in ("qkv_bias", "patch_norm", "shift_full_window"):
+        for name in ("qkv_bias", "patch_norm", "shift_full_window", "lsa"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
         if self.stem not in STEMS:
@@ -137,6 +141,8 @@ class SwinConfig:
                 f"needs a patch_size that is a power of two >= 2 (one stride-2 conv per halving), "
                 f"not {self.patch_size}",
             )
+        if self.stem == "spt" and self.patch_size % 2:
+            fail("stem", f"needs an even patch_size (copies shift by half a patch), not {self.patch_size}")
         height, width = _pair(img)
         if height % self.patch_size or width % self.patch_size:
             fail("img_size", f"is not divisible by patch_size {self.patch_size}")
@@ -633,10 +639,16 @@ def add_residual(
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "plain")
+_SELF_MASK = -1e4  # LSA's score of a token for itself: exp() of it vanishes beside any unmasked score
 
 
 def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    backend: str = "auto",
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention inside windows, with an additive float bias per window position.
 
@@ -654,6 +666,8 @@ def window_attention(
         bias: (nW, heads, N, N) or (1, heads, N, N): relative position bias plus shift/padding mask (0 or
             -inf), the same for the window at one position in every image.
         backend: "auto", "sdpa" or "plain".
+        scale: (heads,) the scale of the scores of each head (LSA's learned temperature), or None for
+            1 / sqrt(d).
 
     Returns:
         (B * nW, heads, N, d).
@@ -666,8 +680,15 @@ def window_attention(
     if backend == "sdpa":
         if nw > 1:  # (B, nW, heads, N, N) -> (B*nW, heads, N, N)
             bias = bias.expand(bw // nw, nw, heads, n, n).reshape(bw, heads, n, n)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # (B*nW, heads, N, N)
+        if scale is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        q = q * scale.view(1, heads, 1, 1).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    scores = torch.matmul(q, k.transpose(-2, -1))  # (B*nW, heads, N, N)
+    if scale is None:
+        scores.mul_(q.shape[-1] ** -0.5)
+    else:
+        scores = scores * scale.view(1, heads, 1, 1).to(scores.dtype)
     scores.view(bw // nw, nw, heads, n, n).add_(bias)  # in place, broadcast over the images
     return torch.matmul(scores.softmax(dim=-1), v)
 
@@ -680,11 +701,16 @@ class WindowAttention(nn.Module):
         num_heads: Heads; each has C / heads channels.
         table_window: (th, tw) the relative position table covers.
         qkv_bias: Learned bias on the fused qkv projection.
+        lsa: Locality self-attention (Lee et al. 2021): a learned temperature per head (`scale`, initialised
+            at 1 / sqrt(d)) and no attention of a token to itself (the diagonal of the scores masked).
     """
 
-    def __init__(self, dim: int, num_heads: int, table_window: IntPair, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, table_window: IntPair, qkv_bias: bool = True, lsa: bool = False
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.scale = nn.Parameter(torch.full((num_heads,), (dim // num_heads) ** -0.5)) if lsa else None
         self.table_window = table_window
         self.backend = "auto"
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -723,7 +749,10 @@ class WindowAttention(nn.Module):
         bias = self.relative_bias(index).unsqueeze(0)  # (1, heads, N, N)
         if mask is not None:
             bias = bias + mask  # (nW, heads, N, N)
-        out = window_attention(q, k, v, bias.to(q.dtype), self.backend)  # (B*nW, heads, N, d)
+        if self.scale is not None:  # LSA: a token does not attend to itself (finite: a token alone in its
+            # shifted region still attends to something)
+            bias = bias.masked_fill(torch.eye(n, dtype=torch.bool, device=bias.device), _SELF_MASK)
+        out = window_attention(q, k, v, bias.to(q.dtype), self.backend, self.scale)  # (B*nW, heads, N, d)
         return self.proj(out.transpose(1, 2).reshape(b, nw, n, c))  # (B, nW, N, C)
 
 
@@ -755,6 +784,7 @@ class SwinBlock(nn.Module):
         mlp_ratio: MLP hidden width / C.
         qkv_bias: Learned qkv bias.
         drop_path_rate: Stochastic depth rate of this block.
+        lsa: Locality self-attention (see `WindowAttention`).
     """
 
     def __init__(
@@ -767,12 +797,13 @@ class SwinBlock(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
+        lsa: bool = False,
     ) -> None:
         super().__init__()
         self.shifted = shifted
         self.shift_full_window = shift_full_window
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, table_window, qkv_bias)
+        self.attn = WindowAttention(dim, num_heads, table_window, qkv_bias, lsa)
         self.drop_path_rate = drop_path_rate  # stochastic depth of both residual branches
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -915,6 +946,53 @@ class ConvStem(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1).contiguous())  # (B, H/p, W/p, C)
 
 
+class ShiftedPatchEmbed(nn.Module):
+    """Shifted patch tokenization (`stem: spt`), after Lee et al. 2021, "Vision Transformer for Small-Size
+    Datasets": the image and four copies of it shifted by half a patch diagonally (zero-filled) are stacked
+    along channels, cut into patches, and each flattened patch is normalised (LayerNorm) and projected to the
+    embedding width; then the patch norm as `PatchEmbed` has it. Each token sees its own patch and parts of
+    its eight neighbours, at a cost of 5x the patch embedding's multiply-adds. Same token grid and width as
+    `PatchEmbed`.
+
+    Args:
+        patch_size: Patch side p, even.
+        in_chans: Input channels.
+        dim: Embedding width C.
+        norm: LayerNorm after the projection (the config's `patch_norm`).
+    """
+
+    SHIFTS = ((-1, -1), (1, -1), (-1, 1), (1, 1))  # each copy moved by (dx, dy) half patches: left-up, ...
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int, norm: bool) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        patch_dim = 5 * in_chans * patch_size * patch_size
+        self.patch_norm_in = nn.LayerNorm(patch_dim)
+        self.proj = nn.Linear(patch_dim, dim)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def shifted_stack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, 5 C_in, H, W): the image, then its four shifted copies."""
+        h, w = x.shape[-2:]
+        s = self.patch_size // 2
+        padded = F.pad(x, (s, s, s, s))  # (B, C_in, H + 2s, W + 2s), zeros around
+        # the copy moved by (dx, dy) half patches reads the padded image from offset (s - dy*s, s - dx*s)
+        copies = [
+            padded[..., s - dy * s : s - dy * s + h, s - dx * s : s - dx * s + w] for dx, dy in self.SHIFTS
+        ]
+        return torch.cat([x, *copies], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, H/p, W/p, C), contiguous."""
+        b, _, h, w = x.shape
+        p = self.patch_size
+        x = self.shifted_stack(x)  # (B, 5C_in, H, W)
+        c = x.shape[1]
+        x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, 5C_in, p, p)
+        x = x.reshape(b, h // p, w // p, c * p * p)  # (B, H/p, W/p, 5C_in p^2)
+        return self.norm(self.proj(self.patch_norm_in(x)))  # (B, H/p, W/p, C)
+
+
 class SwinStage(nn.Module):
     """Optional patch merging, then blocks alternating plain and shifted windows."""
 
@@ -941,6 +1019,7 @@ class SwinStage(nn.Module):
                     mlp_ratio=config.mlp_ratio,
                     qkv_bias=config.qkv_bias,
                     drop_path_rate=drop_path_rates[i],
+                    lsa=config.lsa,
                 )
                 for i in range(depth)
             ]
@@ -963,7 +1042,7 @@ class SwinTransformer(nn.Module):
         self.config = config
         height, width = _pair(config.img_size)
         grid = (height // config.patch_size, width // config.patch_size)
-        embed = ConvStem if config.stem == "conv" else PatchEmbed
+        embed = {"patch": PatchEmbed, "conv": ConvStem, "spt": ShiftedPatchEmbed}[config.stem]
         self.patch_embed = embed(config.patch_size, config.in_chans, config.embed_dim, config.patch_norm)
         total = sum(config.depths)
         rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear from 0

@@ -213,6 +213,16 @@ def infer_geometry(state: Mapping[str, torch.Tensor], source: str) -> tuple[dict
         raise TinyswinError(
             f"init={source}: the weights of a conv stem (model.stem=conv); --init takes a patch embedding's"
         )
+    if "patch_embed.patch_norm_in.weight" in state:
+        raise TinyswinError(
+            f"init={source}: the weights of a shifted-patch stem (model.stem=spt); --init takes a patch "
+            "embedding's"
+        )
+    if any(key.endswith(".attn.scale") for key in state):
+        raise TinyswinError(
+            f"init={source}: the weights of locality self-attention (model.lsa=true); --init takes plain "
+            "Swin attention"
+        )
     foreign = sorted(k for k in state if _FOREIGN.search(k))
     proj = state.get("patch_embed.proj.weight")
     if proj is None or proj.ndim != 4 or foreign:
@@ -284,6 +294,11 @@ def init_config(cfg: TrainConfig, weights: InitWeights, image_size: int) -> Trai
         raise ConfigError(
             f"model.stem={overrides['stem']!r} contradicts the init weights ({weights.source}), "
             "which have a patch embedding (stem 'patch')"
+        )
+    if overrides.get("lsa", False):
+        raise ConfigError(
+            f"model.lsa=true contradicts the init weights ({weights.source}), whose attention has no learned "
+            "temperature (lsa false)"
         )
     for name in WEIGHT_FIELDS:
         if name in overrides and plain_data(overrides[name]) != plain_data(weights.geometry[name]):
