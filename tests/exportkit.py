@@ -65,7 +65,7 @@ def tiny_checkpoint(path: Path, seed: int = 0, ema: bool = False, **overrides: o
         step=1,
         best=0.0,
         model_config=plain_model_config(config),
-        train_config=to_dict(TrainConfig()),
+        train_config=to_dict(TrainConfig(precision="fp32")),  # evaluated in fp32 on every CPU
         class_names=[CLASS_NAMES[k] for k in KEEP],
         class_ids=[f"c{k}" for k in KEEP],
         normalization={"mean": list(MEAN), "std": list(STD)},
