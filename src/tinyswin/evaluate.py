@@ -5,10 +5,11 @@ them, for evaluation and inference)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -140,6 +141,14 @@ class _Sums:
             bins=bins,
             tta=tta,
         )
+
+
+def split_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of a split for `evaluate`: of uint8 (N, H, W, 3) images and (N,) labels, uint8
+    (B, H, W, 3) and int64 (B,) batches on `device`, in order, the last one partial."""
+    return iter(BatchLoader(images, labels, batch_size, shuffle=False, drop_last=False, device=device))
 
 
 def _padded(images: torch.Tensor, rows: int) -> torch.Tensor:
@@ -324,17 +333,9 @@ def evaluate_checkpoint(
             f"{loaded.image_size}px: resizing them to its input {loaded.model_config.img_size}"
         )
     images, labels = cache.split(split)  # raises, listing the splits, if there is no such split
-    loader = BatchLoader(
-        images,
-        labels,
-        batch_size or cfg.eval_batch_size,
-        shuffle=False,
-        drop_last=False,
-        device=loaded.device,
-    )
     result = evaluate(
         loaded.model,
-        iter(loader),
+        split_batches(images, labels, batch_size or cfg.eval_batch_size, loaded.device),
         loaded.normalize,
         num_classes=len(loaded.class_names),
         label_smoothing=cfg.label_smoothing,

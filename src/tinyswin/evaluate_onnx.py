@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tinyswin.data import BatchLoader, load_cache
+from tinyswin.data import load_cache
 from tinyswin.data.sources import resolve_data
-from tinyswin.evaluate import evaluate
+from tinyswin.evaluate import evaluate, split_batches
 from tinyswin.modelpath import Kind, identify
 from tinyswin.predict import open_classifier, preprocess
 
@@ -85,17 +85,9 @@ def evaluate_onnx(
             f"({len(info.class_names)} classes, in the model's order)"
         )
     images, labels = cache.split(split)  # raises, listing the splits, if there is no such split
-    loader = BatchLoader(
-        images,
-        labels,
-        batch_size or DEFAULT_BATCH,
-        shuffle=False,
-        drop_last=False,
-        device=torch.device("cpu"),
-    )
     result = evaluate(
         SessionModule(classifier.logits),
-        iter(loader),
+        split_batches(images, labels, batch_size or DEFAULT_BATCH, torch.device("cpu")),
         lambda batch: preprocess(batch, info),
         num_classes=len(info.class_names),
         label_smoothing=float(train_config.get("label_smoothing", 0.0)),
