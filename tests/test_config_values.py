@@ -21,7 +21,9 @@ from tinyswin.config import (
     merge,
     to_dict,
 )
+from tinyswin.data.augment_config import AugmentConfig, AugmentConfigError
 from tinyswin.errors import ConfigError
+from tinyswin.model import SwinConfig, SwinConfigError
 
 EXTERNAL = ("model", "augment")
 
@@ -289,3 +291,18 @@ def test_the_command_line_refuses_before_writing(
     err = capsys.readouterr().err
     assert err.startswith(f"tinyswin train: error: {message}") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_the_model_and_augment_configs_refuse_with_the_field_not_a_message_to_parse() -> None:
+    with pytest.raises(SwinConfigError) as model_error:
+        SwinConfig(drop_path_rate=1.0)
+    error = model_error.value
+    assert (error.field, error.value, error.reason) == ("drop_path_rate", 1.0, "must be in [0, 1)")
+    with pytest.raises(AugmentConfigError) as augment_error:
+        AugmentConfig(crop="rrc", crop_ratio=(0.0, 1.0))
+    assert (augment_error.value.field, augment_error.value.value) == ("crop_ratio", (0.0, 1.0))
+    # the key refused is the one whose value is wrong, shown with that value
+    message = _refusal(load_config, "default", None, ["augment.crop_ratio=[0, 1]"])
+    assert message == "override: augment.crop_ratio=[0.0, 1.0]: must have a low end > 0, got (0.0, 1.0)"
+    message = _refusal(load_config, "default", None, ["augment.erase_scale=[-0.1, 0.2]"])
+    assert message.startswith("override: augment.erase_scale=[-0.1, 0.2]: must have a low end >= 0")

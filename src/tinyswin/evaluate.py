@@ -1,23 +1,23 @@
 """Evaluation: the per-epoch evaluation of a split, and the evaluation of a trained checkpoint on a split
-of its data (LoadedModel rebuilds a checkpoint's model for evaluation and inference)."""
+of its data (LoadedModel rebuilds the model of a checkpoint, run or export, as `tinyswin.modelpath` reads
+them, for evaluation and inference)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyswin.checkpoint import check_compatible, load_checkpoint
+from tinyswin.checkpoint import check_compatible
 from tinyswin.config import TrainConfig, build_augment_config, eval_size, from_dict, input_size
 from tinyswin.data import BatchLoader, build_augment, load_cache
 from tinyswin.data.sources import resolve_data
-from tinyswin.exported import checkpoint_from_exported, is_exported
 from tinyswin.metrics import (
     calibration_bins,
     ece_from_bins,
@@ -25,6 +25,7 @@ from tinyswin.metrics import (
     topk_correct,
 )
 from tinyswin.model import SwinConfig, SwinTransformer
+from tinyswin.modelpath import Kind, ModelPath, read_checkpoint
 from tinyswin.ranges import TTA_MODES
 from tinyswin.runtime import DistContext, all_reduce_, autocast, resolve_device, resolve_precision
 
@@ -69,6 +70,11 @@ class EvalResult:
             f"{prefix}top1_no_tta": plain.top1,
             f"{prefix}top5_no_tta": plain.top5,
         }
+
+    def numbers(self) -> dict[str, Any]:
+        """n, tta, loss, top-1, top-5 and ECE (with 'flip', also the numbers without it), as `eval` prints."""
+        numbers = {"n": self.n, "tta": self.tta, "loss": self.loss, "top1": self.top1, "top5": self.top5}
+        return numbers | {"ece": ece_from_bins(self.bins)} | self.no_tta()
 
     def summary(self, class_names: list[str]) -> dict[str, Any]:
         """Top-1/5, loss, per-class accuracy, confusion matrix, ECE and its bins, as plain data (with 'flip',
@@ -135,6 +141,14 @@ class _Sums:
             bins=bins,
             tta=tta,
         )
+
+
+def split_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of a split for `evaluate`: of uint8 (N, H, W, 3) images and (N,) labels, uint8
+    (B, H, W, 3) and int64 (B,) batches on `device`, in order, the last one partial."""
+    return iter(BatchLoader(images, labels, batch_size, shuffle=False, drop_last=False, device=device))
 
 
 def _padded(images: torch.Tensor, rows: int) -> torch.Tensor:
@@ -206,25 +220,13 @@ def evaluate(
     return result
 
 
-def resolve_checkpoint(path: str | os.PathLike[str], prefer: str = "best.pt") -> Path:
-    """A checkpoint file, or the one a run directory holds: `prefer`, else the other of best.pt / last.pt.
-
-    Raises:
-        FileNotFoundError: no such file, or a directory with neither checkpoint.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    for name in (prefer, "last.pt" if prefer == "best.pt" else "best.pt"):
-        if (path / name).is_file():
-            return path / name
-    raise FileNotFoundError(f"{path} holds no best.pt or last.pt: give a run directory or a .pt file")
-
-
 class LoadedModel:
-    """A model rebuilt from a checkpoint, in eval mode, with what inference needs.
+    """A model rebuilt from a checkpoint, a run directory or an export folder (`modelpath.read_checkpoint`),
+    in eval mode, with what inference needs.
 
     Attributes:
+        path: the checkpoint file read (a run's best.pt, else last.pt), or the export folder.
+        exported: whether it is an export folder (which names no data).
         model: the SwinTransformer (raw weights, or the EMA weights when asked).
         checkpoint: the checkpoint dict.
         config: its TrainConfig.
@@ -234,10 +236,12 @@ class LoadedModel:
         input_size: (H, W) of the model's input.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", ema: bool = False) -> None:
-        self.exported = is_exported(path)  # a folder of `tinyswin export --format safetensors`
-        self.path = Path(path) if self.exported else resolve_checkpoint(path)
-        ckpt = checkpoint_from_exported(self.path) if self.exported else load_checkpoint(self.path)
+    def __init__(
+        self, path: str | os.PathLike[str] | ModelPath, *, device: str = "auto", ema: bool = False
+    ) -> None:
+        found, ckpt = read_checkpoint(path)
+        self.exported = found.kind is Kind.EXPORT  # a folder of `tinyswin export --format safetensors`
+        self.path = found.path
         self.checkpoint = ckpt
         self.config: TrainConfig = from_dict(ckpt["train_config"], str(self.path))
         self.device = resolve_device(device if device != "auto" else self.config.device)
@@ -329,31 +333,13 @@ def evaluate_checkpoint(
             f"{loaded.image_size}px: resizing them to its input {loaded.model_config.img_size}"
         )
     images, labels = cache.split(split)  # raises, listing the splits, if there is no such split
-    loader = BatchLoader(
-        images,
-        labels,
-        batch_size or cfg.eval_batch_size,
-        shuffle=False,
-        drop_last=False,
-        device=loaded.device,
-    )
     result = evaluate(
         loaded.model,
-        iter(loader),
+        split_batches(images, labels, batch_size or cfg.eval_batch_size, loaded.device),
         loaded.normalize,
         num_classes=len(loaded.class_names),
         label_smoothing=cfg.label_smoothing,
         amp_dtype=loaded.amp_dtype,
         tta=cfg.tta if tta is None else tta,
     )
-    out = {
-        "checkpoint": str(loaded.path),
-        "split": split,
-        "n": result.n,
-        "tta": result.tta,
-        "loss": result.loss,
-        "top1": result.top1,
-        "top5": result.top5,
-        "ece": ece_from_bins(result.bins),
-    }
-    return out | result.no_tta()
+    return {"checkpoint": str(loaded.path), "split": split} | result.numbers()

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tinyswin.data import BatchLoader, load_cache
+from tinyswin.data import load_cache
 from tinyswin.data.sources import resolve_data
-from tinyswin.evaluate import evaluate
-from tinyswin.metrics import ece_from_bins
+from tinyswin.evaluate import evaluate, split_batches
+from tinyswin.modelpath import Kind, identify
 from tinyswin.predict import open_classifier, preprocess
 
 DEFAULT_BATCH = 256
@@ -64,13 +63,19 @@ def evaluate_onnx(
         (with 'flip', also the numbers without it), plus "runtime": "onnxruntime".
 
     Raises:
-        ValueError: no `data`, a class list that differs from the model's, or a missing split.
+        ValueError: not an .onnx file, no `data`, a class list that differs from the model's, or a missing
+            split.
         FileNotFoundError: no such file.
     """
-    path = Path(path)
+    found = identify(path)
+    if found.kind is not Kind.ONNX:
+        raise ValueError(
+            f"--onnx {found.given}: not an .onnx file ({found.kind.value}); name it without --onnx"
+        )
+    path = found.path
     if data is None:
         raise ValueError(f"{path}: an ONNX model does not name its data: give it (--data CACHE)")
-    classifier = open_classifier(path)
+    classifier = open_classifier(found.path)
     info = classifier.info
     train_config = info.train_config or {}
     cache = load_cache(resolve_data(data, size=info.image_size, log=log, progress=progress))
@@ -80,38 +85,13 @@ def evaluate_onnx(
             f"({len(info.class_names)} classes, in the model's order)"
         )
     images, labels = cache.split(split)  # raises, listing the splits, if there is no such split
-    loader = BatchLoader(
-        images,
-        labels,
-        batch_size or DEFAULT_BATCH,
-        shuffle=False,
-        drop_last=False,
-        device=torch.device("cpu"),
-    )
     result = evaluate(
         SessionModule(classifier.logits),
-        iter(loader),
+        split_batches(images, labels, batch_size or DEFAULT_BATCH, torch.device("cpu")),
         lambda batch: preprocess(batch, info),
         num_classes=len(info.class_names),
         label_smoothing=float(train_config.get("label_smoothing", 0.0)),
         tta=tta or str(train_config.get("tta", "none")),
         static_shapes=False,  # the ONNX graph takes any batch size
     )
-    out = {
-        "checkpoint": str(path),
-        "runtime": "onnxruntime",
-        "split": split,
-        "n": result.n,
-        "tta": result.tta,
-        "loss": result.loss,
-        "top1": result.top1,
-        "top5": result.top5,
-        "ece": ece_from_bins(result.bins),
-    }
-    if result.plain is not None:
-        out |= {
-            "loss_no_tta": result.plain.loss,
-            "top1_no_tta": result.plain.top1,
-            "top5_no_tta": result.plain.top5,
-        }
-    return out
+    return {"checkpoint": str(path), "runtime": "onnxruntime", "split": split} | result.numbers()

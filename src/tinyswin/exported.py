@@ -99,17 +99,6 @@ class ModelInfo:
         return info
 
 
-def is_exported(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is a tinyswin export folder (config.json naming tinyswin, and model.safetensors)."""
-    path = Path(path)
-    if not ((path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
-        return False
-    try:
-        return json.loads((path / CONFIG_FILE).read_text()).get("library") == LIBRARY
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
-
-
 def read_info(path: str | os.PathLike[str]) -> ModelInfo:
     """The ModelInfo of an exported folder.
 
@@ -141,19 +130,6 @@ def folder_config(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-def is_timm_export(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is a timm model folder written by `tinyswin export --format timm` (config.json with
-    timm's `architecture` and `model_args` and tinyswin's ModelInfo, and model.safetensors)."""
-    path = Path(path)
-    if not ((path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
-        return False
-    try:
-        data = json.loads((path / CONFIG_FILE).read_text())
-        return isinstance(data.get(TIMM_INFO_KEY), dict) and "architecture" in data and "model_args" in data
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
-
-
 def load_timm_export(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, ModelInfo]:
     """The timm model of a folder written by `tinyswin export --format timm` (in eval mode, on the CPU) and
     the ModelInfo of the model it came from.
@@ -163,7 +139,15 @@ def load_timm_export(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Mod
         TinyswinError: the folder's files are not what the export writes.
     """
     file = Path(path) / CONFIG_FILE
-    data = json.loads(file.read_text())
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TinyswinError(f"{file}: not readable JSON ({one_line(exc)})") from None
+    if not isinstance(data, dict) or not isinstance(data.get(TIMM_INFO_KEY), dict):
+        raise TinyswinError(
+            f"{file}: holds no {TIMM_INFO_KEY!r} model info (classes, normalisation): a timm folder that "
+            "`tinyswin export --format timm` did not write"
+        )
     info = ModelInfo.from_json(data[TIMM_INFO_KEY], str(file))
     timm = require("timm", "timm", "a timm model folder")
     safetensors_torch = require("safetensors.torch", "export", "reading a safetensors model")

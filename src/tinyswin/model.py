@@ -35,6 +35,15 @@ def _pair(value: int | Sequence[int]) -> IntPair:
     return (int(value[0]), int(value[1]))
 
 
+class SwinConfigError(ValueError):
+    """A SwinConfig field refused: `field`, the `value` it had and the `reason` (the message is
+    "SwinConfig.<field>=<value>: <reason>"), so that a caller names the field without reading the message."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        super().__init__(f"SwinConfig.{field}={value!r}: {reason}")
+        self.field, self.value, self.reason = field, value, reason
+
+
 @dataclass(frozen=True)
 class SwinConfig:
     """Architecture of a Swin Transformer (defaults: official Swin-T at 224px).
@@ -90,7 +99,7 @@ class SwinConfig:
 
     def _validate(self) -> None:
         def fail(name: str, message: str) -> None:
-            raise ValueError(f"SwinConfig.{name}={getattr(self, name)!r}: {message}")
+            raise SwinConfigError(name, getattr(self, name), message)
 
         def is_int(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)

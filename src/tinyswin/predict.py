@@ -23,7 +23,8 @@ from tinyswin.data.augment_geometry import resize
 from tinyswin.data.imagefolder import decode_image, image_extensions, is_image_name
 from tinyswin.evaluate import LoadedModel
 from tinyswin.export import info_from_onnx_metadata, model_info, ort_logits, ort_session
-from tinyswin.exported import ModelInfo, is_timm_export, load_timm_export
+from tinyswin.exported import ModelInfo, load_timm_export
+from tinyswin.modelpath import Kind, identify
 
 BATCH = 64
 
@@ -105,32 +106,31 @@ class Classifier:
 
 
 def open_classifier(path: str | os.PathLike[str], *, device: str = "auto", ema: bool = False) -> Classifier:
-    """A Classifier from a .pt checkpoint, a run directory, an exported folder (safetensors or timm) or an
-    .onnx file.
+    """A Classifier from any model path `tinyswin.modelpath` knows but a bare state dict: a .pt checkpoint, a
+    run directory, an exported folder (safetensors or timm) or an .onnx file.
 
     Args:
-        path: the model; a file ending in .onnx runs through ONNX Runtime on the CPU, a timm model folder
+        path: the model; an .onnx file runs through ONNX Runtime on the CPU, a timm model folder
             (`export --format timm`) through timm on the CPU.
         device: PyTorch models: 'auto', 'cpu', 'cuda', ...
         ema: checkpoints: the EMA weights.
     """
-    path = Path(path)
-    if path.suffix == ".onnx":
-        if not path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {path}")
+    found = identify(path)
+    exported_weights = "holds the weights it was exported with: leave out --ema"
+    if found.kind is Kind.ONNX:
+        if not found.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {found.path}")
         if ema:
-            raise ValueError(f"{path}: an ONNX model holds the weights it was exported with: leave out --ema")
-        session = ort_session(path)
-        info = info_from_onnx_metadata(dict(session.get_modelmeta().custom_metadata_map), str(path))
+            raise ValueError(f"{found.path}: an ONNX model {exported_weights}")
+        session = ort_session(found.path)
+        info = info_from_onnx_metadata(dict(session.get_modelmeta().custom_metadata_map), str(found.path))
         return Classifier(info, lambda x: torch.from_numpy(ort_logits(session, x.numpy())), "onnxruntime")
-    if is_timm_export(path):
+    if found.kind is Kind.TIMM:
         if ema:
-            raise ValueError(
-                f"{path}: a timm model folder holds the weights it was exported with: leave out --ema"
-            )
-        timm_model, info = load_timm_export(path)
+            raise ValueError(f"{found.path}: a timm model folder {exported_weights}")
+        timm_model, info = load_timm_export(found.path)
         return Classifier(info, torch.no_grad()(lambda x: timm_model(x).float()), "timm")
-    loaded = LoadedModel(path, device=device, ema=ema)
+    loaded = LoadedModel(found, device=device, ema=ema)
 
     @torch.no_grad()
     def logits(x: torch.Tensor) -> torch.Tensor:

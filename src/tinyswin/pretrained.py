@@ -1,15 +1,10 @@
 """Weights a training starts from (the `init` key): read a source, take its geometry, fit it to the run.
 
-A source is one of
-
-    timm:NAME                    a timm Swin Transformer, `timm.create_model(NAME, pretrained=True)` (timm
-                                 downloads the weights on first use and keeps them in its own cache)
-    FILE.pth / .pt / .bin        a state dict (timm names, or an official Swin checkpoint's {"model": ...}),
-                                 or a tinyswin checkpoint
-    FILE.safetensors             a state dict in safetensors
-    RUN_DIR                      a tinyswin run directory (its best.pt, else last.pt)
-    DIR                          DIR/model.safetensors + DIR/config.json: a `tinyswin export` folder, or a
-                                 timm model folder as model hubs hold them (`tinyswin export --format timm`)
+A source is `timm:NAME`, a timm Swin Transformer (`timm.create_model(NAME, pretrained=True)`: timm downloads
+the weights on first use and keeps them in its own cache), or a path that `tinyswin.modelpath.read_weights`
+reads: a state dict (.pth, .bin, .safetensors; timm names, or an official Swin checkpoint's {"model": ...}), a
+tinyswin checkpoint, a run directory, a `tinyswin export` folder, or a timm model folder as model hubs hold
+them (`tinyswin export --format timm`).
 
 The model of the run takes the source's geometry (patch size, width, depths, heads, MLP ratio, qkv bias,
 patch norm), read from the weights themselves; the windows are fitted to the stage grids at the training
@@ -23,23 +18,19 @@ from __future__ import annotations
 
 import difflib
 import math
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from tinyswin.checkpoint import check_checkpoint, load_checkpoint
 from tinyswin.config import TrainConfig, merge, plain_data, train_resolution
-from tinyswin.errors import ConfigError, TinyswinError, first_line, one_line
-from tinyswin.evaluate import resolve_checkpoint
-from tinyswin.exported import WEIGHTS_FILE, is_exported, read_exported
+from tinyswin.errors import ConfigError, TinyswinError, one_line
 from tinyswin.extras import require
 from tinyswin.interop import map_state_dict, tinyswin_names
 from tinyswin.model import SwinTransformer
+from tinyswin.modelpath import read_weights
 
 TIMM_PREFIX = "timm:"
 HEAD_KEYS = ("head.weight", "head.bias")
@@ -54,8 +45,6 @@ WEIGHT_FIELDS = (
     "qkv_bias",
     "patch_norm",
 )
-# what wraps a state dict in the checkpoints of other code bases
-_WRAPPERS = ("model", "state_dict", "model_state", "module")
 # keys of Swin variants the tinyswin model does not have
 _FOREIGN = re.compile(r"(absolute_pos_embed|logit_scale|cpb_mlp)")
 
@@ -105,7 +94,7 @@ def read_init(value: str) -> InitWeights:
     if value.startswith(TIMM_PREFIX):
         state, shift_full = _timm_state(value[len(TIMM_PREFIX) :].strip()), False
     else:
-        state, shift_full = _path_state(Path(value).expanduser())
+        state, shift_full = read_weights(value)
     renamed = {k: v for k, v in tinyswin_names(state).items() if k not in HEAD_KEYS}
     geometry, windows = infer_geometry(renamed, value)
     return InitWeights(value, renamed, geometry, windows, shift_full)
@@ -132,68 +121,6 @@ def _timm_state(name: str) -> dict[str, torch.Tensor]:
             "(the model whose weights tinyswin takes)"
         )
     return model.state_dict()
-
-
-def _path_state(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """The state dict stored at `path` (see the module's list) and the shift rule where it says one."""
-    if not path.exists():
-        raise FileNotFoundError(f"init weights not found: {path}")
-    if path.is_dir():
-        if is_exported(path):  # `tinyswin export --format safetensors`
-            state, info = read_exported(path)
-            return dict(state), bool(info.model_config.get("shift_full_window", False))
-        if (path / WEIGHTS_FILE).is_file():  # a timm model folder (`tinyswin export --format timm`, hubs)
-            return _read_safetensors(path / WEIGHTS_FILE), False
-        if (path / "best.pt").is_file() or (path / "last.pt").is_file():
-            return _tinyswin_state(load_checkpoint(resolve_checkpoint(path)))
-        raise TinyswinError(f"init={path}: a folder without {WEIGHTS_FILE}, best.pt or last.pt")
-    if path.suffix == ".safetensors":
-        if path.name == WEIGHTS_FILE and is_exported(path.parent):
-            return _path_state(path.parent)
-        return _read_safetensors(path), False
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip, older versions a pickle
-        raise TinyswinError(f"init={path}: not a weights file torch.load can read (nor a .safetensors file)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise TinyswinError(f"init={path}: refused: loading it would run code ({first_line(exc)})") from None
-    except Exception as exc:  # torch.load raises many kinds on a file that is not a checkpoint
-        raise TinyswinError(
-            f"init={path}: not a weights file torch.load can read ({first_line(exc)})"
-        ) from None
-    if isinstance(data, dict) and "format" in data and "model_config" in data:
-        return _tinyswin_state(check_checkpoint(data, path))
-    return _unwrap(data, path), False
-
-
-def _tinyswin_state(ckpt: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool]:
-    """The weights of a tinyswin checkpoint and its shift rule."""
-    return dict(ckpt["model"]), bool(ckpt["model_config"].get("shift_full_window", False))
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    st = require("safetensors.torch", "export", "reading .safetensors weights")
-    try:
-        return dict(st.load_file(str(path), device="cpu"))
-    except Exception as exc:  # safetensors raises its own kinds on a damaged file
-        raise TinyswinError(f"init={path}: not a readable safetensors file ({one_line(exc)})") from None
-
-
-def _unwrap(data: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in a loaded file: itself, or under "model", "state_dict", ...; "module." stripped."""
-    for key in _WRAPPERS:
-        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
-            data = data[key]
-            break
-    if (
-        not isinstance(data, Mapping)
-        or not data
-        or not all(isinstance(v, torch.Tensor) for v in data.values())
-    ):
-        raise TinyswinError(f"init={path}: holds no state dict (a mapping of names to tensors)")
-    return {str(k).removeprefix("module."): v for k, v in data.items()}
 
 
 def infer_geometry(state: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, Any], tuple[int, ...]]:

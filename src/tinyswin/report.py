@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from tinyswin.data import BatchLoader, load_cache
 from tinyswin.data.sources import resolve_data
 from tinyswin.errors import TinyswinError, one_line
-from tinyswin.evaluate import LoadedModel, resolve_checkpoint
+from tinyswin.evaluate import LoadedModel
 from tinyswin.metrics import calibration_bins, confusion_matrix, ece_from_bins, per_class_accuracy
 from tinyswin.plots import read_metrics
 from tinyswin.runtime import autocast
@@ -266,7 +266,7 @@ def gather(
     """
     report = _read_run(Path(run_dir))
     try:
-        loaded = LoadedModel(resolve_checkpoint(report.path), device=device)
+        loaded = LoadedModel(report.path, device=device)
     except (FileNotFoundError, TinyswinError, ValueError, RuntimeError, OSError) as exc:
         report.notes.append(f"no images: the run's checkpoint cannot be read ({one_line(exc)})")
         report.analysis = _from_summary(report.summary or {}, [])

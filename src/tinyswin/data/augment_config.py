@@ -10,12 +10,21 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AugmentConfig", "augment_preset", "augment_preset_names"]
+__all__ = ["AugmentConfig", "AugmentConfigError", "augment_preset", "augment_preset_names"]
 
 _CROPS = ("rrc", "pad", "none")
 _INTERPOLATIONS = ("bilinear", "bicubic")
 _RA_INTERPOLATIONS = ("nearest", "bilinear")
 _MIX_SELECT = ("sequential", "exclusive")
+
+
+class AugmentConfigError(ValueError):
+    """An AugmentConfig field refused: `field`, the `value` it had and the `reason` (the message is
+    "augment config: <field> <reason>"), so that a caller names the field without reading the message."""
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        super().__init__(f"augment config: {field} {reason}")
+        self.field, self.value, self.reason = field, value, reason
 
 
 @dataclass(frozen=True)
@@ -85,12 +94,13 @@ class AugmentConfig:
     device_params: bool = False
 
     def __post_init__(self) -> None:
+        def fail(key: str, reason: str) -> None:
+            raise AugmentConfigError(key, getattr(self, key), reason)
+
         for key in ("crop_scale", "crop_ratio", "erase_scale", "erase_ratio", "mix_lambda_clip"):
             value = getattr(self, key)
             if not isinstance(value, (tuple, list)) or len(value) != 2 or not value[0] <= value[1]:
-                raise ValueError(
-                    f"augment config: {key} must be a (low, high) pair with low <= high, got {value!r}"
-                )
+                fail(key, f"must be a (low, high) pair with low <= high, got {value!r}")
             object.__setattr__(self, key, (float(value[0]), float(value[1])))
         if isinstance(self.erase_value, list):
             object.__setattr__(self, "erase_value", tuple(float(v) for v in self.erase_value))
@@ -101,12 +111,10 @@ class AugmentConfig:
             ("mix_select", _MIX_SELECT),
         ):
             if getattr(self, key) not in allowed:
-                raise ValueError(
-                    f"augment config: {key} must be one of {allowed}, got {getattr(self, key)!r}"
-                )
+                fail(key, f"must be one of {allowed}, got {getattr(self, key)!r}")
         for key in ("hflip", "erase_p", "mixup_p", "cutmix_p", "mix_label_smoothing"):
             if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"augment config: {key} must be in [0, 1], got {getattr(self, key)!r}")
+                fail(key, f"must be in [0, 1], got {getattr(self, key)!r}")
         for key in (
             "jitter_brightness",
             "jitter_contrast",
@@ -118,39 +126,28 @@ class AugmentConfig:
             "randaug_ops",
         ):
             if getattr(self, key) < 0:
-                raise ValueError(f"augment config: {key} must be >= 0, got {getattr(self, key)!r}")
+                fail(key, f"must be >= 0, got {getattr(self, key)!r}")
         if not 0.0 <= self.jitter_hue <= 0.5:
-            raise ValueError(f"augment config: jitter_hue must be in [0, 0.5], got {self.jitter_hue!r}")
+            fail("jitter_hue", f"must be in [0, 0.5], got {self.jitter_hue!r}")
         if self.out_size is not None and self.out_size < 1:
-            raise ValueError(
-                f"augment config: out_size must be a positive int or None, got {self.out_size!r}"
-            )
+            fail("out_size", f"must be a positive int or None, got {self.out_size!r}")
         if self.randaug_bins < 2 or not 0 <= self.randaug_magnitude <= self.randaug_bins - 1:
-            raise ValueError(
-                f"augment config: randaug_magnitude must be in [0, randaug_bins - 1], got "
-                f"{self.randaug_magnitude!r} with randaug_bins={self.randaug_bins!r}"
+            fail(
+                "randaug_magnitude",
+                f"must be in [0, randaug_bins - 1], got {self.randaug_magnitude!r} with "
+                f"randaug_bins={self.randaug_bins!r}",
             )
-        if (
-            self.crop_scale[0] <= 0
-            or self.crop_ratio[0] <= 0
-            or self.erase_scale[0] < 0
-            or self.erase_ratio[0] <= 0
-        ):
-            raise ValueError(
-                "augment config: crop_scale, crop_ratio and erase_ratio must be > 0, erase_scale >= 0"
-            )
+        for key in ("crop_scale", "crop_ratio", "erase_ratio"):
+            if getattr(self, key)[0] <= 0:
+                fail(key, f"must have a low end > 0, got {getattr(self, key)!r}")
+        if self.erase_scale[0] < 0:
+            fail("erase_scale", f"must have a low end >= 0, got {self.erase_scale!r}")
         if self.mixup_p > 0 and self.mixup_alpha <= 0:
-            raise ValueError(
-                f"augment config: mixup_p={self.mixup_p} needs mixup_alpha > 0, got {self.mixup_alpha}"
-            )
+            fail("mixup_p", f"needs mixup_alpha > 0, got {self.mixup_alpha}")
         if self.cutmix_p > 0 and self.cutmix_alpha <= 0:
-            raise ValueError(
-                f"augment config: cutmix_p={self.cutmix_p} needs cutmix_alpha > 0, got {self.cutmix_alpha}"
-            )
+            fail("cutmix_p", f"needs cutmix_alpha > 0, got {self.cutmix_alpha}")
         if isinstance(self.erase_value, str) and self.erase_value != "random":
-            raise ValueError(
-                f"augment config: erase_value must be 'random' or numbers, got {self.erase_value!r}"
-            )
+            fail("erase_value", f"must be 'random' or numbers, got {self.erase_value!r}")
 
 
 def _presets() -> dict[str, AugmentConfig]:
