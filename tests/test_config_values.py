@@ -66,12 +66,15 @@ CASES: dict[str, tuple[Any, Any]] = {
     "sync_every": (0, 1),
     "checkpoint.every_epochs": (0, None),
     "checkpoint.every_seconds": (0.0, 1e-9),
+    "evaluation.every_epochs": (0, None),
+    "evaluation.every_seconds": (-1.0, 1e-9),
     "seed": (-1, 0),
     "device": ("foo", "cuda:0"),
     "max_nonfinite": (0, 1),
     "threads": (-1, 0),
     "time_budget": (0.0, 1e-9),
     "tensorboard": (None, False),
+    "plots": ("never", "end"),
     "init": ("timm:", "timm:swin_tiny_patch4_window7_224"),
 }
 
