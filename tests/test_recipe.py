@@ -303,7 +303,7 @@ def test_throughput_arms_count_their_images(tmp_path: Path, device: str, one_thr
     x, y = next(batches)
     assert x.shape == (8, 3, 64, 64) and x.device.type == device and y.device.type == device
     out = tmp_path / "tp.json"
-    args = ["--data", str(cache), "--model", "nano", "--batch-size", "8", "--warmup", "1", "--steps", "2"]
+    args = ["--data", str(cache), "--model", "nano", "--batches", "8", "--warmup", "1", "--steps", "2"]
     assert gt.main([*args, "--workers", "0", "--device", device, "--no-compile", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["augment"]["device_params"] is True  # the speedrun preset's augmentation
