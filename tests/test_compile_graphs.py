@@ -9,21 +9,24 @@ the modes and static shapes that the run asks for.
 """
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from compilecount import CompileCounter, HostReads, counting
 from test_recipe import _load_throughput
 from test_train import make_tiny_cache
-from tinyswin.config import load_config
+from tinyswin.config import build_augment_config, load_config
 from tinyswin.data import write_cache
 from tinyswin.engine import train_one_epoch
 from tinyswin.evaluate import evaluate
 from tinyswin.model import SwinTransformer, preset_config
+from tinyswin.plots import read_metrics
 from tinyswin.runtime import DistContext
 from tinyswin.train import Run, resume_config, setup_run, train
 
@@ -201,3 +204,30 @@ def test_a_model_holds_the_plans_of_its_size_on_its_device_before_any_forward() 
         for block in stage.blocks:
             plan = block._plans[(sizes[i], meta)]
             assert plan.index.device == meta and (plan.mask is None or plan.mask.device == meta)
+
+
+@pytest.mark.slow
+def test_the_speedrun_in_bf16_compiled_by_inductor_matches_eager_on_the_cpu(
+    cache64: Path, tmp_path: Path
+) -> None:
+    """What a GPU run compiles, compiled for real on the CPU (inductor, not the counting backend): bf16
+    autocast, fused AdamW, the device-side augmentation parameters, EMA, test-time flip. Two graphs, no break,
+    no recompile, and the losses of the eager run (drop path off: the eager CPU path draws it otherwise)."""
+    overrides = [f"data.source={cache64}", *SPEEDRUN, "precision=bf16", "schedule.epochs=1"]
+    overrides += ["model.drop_path_rate=0", "evaluation.every_epochs=1"]
+    cfg = load_config("speedrun", None, overrides)
+    assert cfg.compile and cfg.optim.fused and build_augment_config(cfg).device_params
+    counter = CompileCounter()  # its logs of breaks and recompiles; the graphs from dynamo's counters
+    counter.restart()
+    with counter.logging():
+        compiled = train(cfg, tmp_path / "compiled", progress=False, log=_quiet)
+        graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    eager = train(load_config("speedrun", None, [*overrides, "compile=false"]), tmp_path / "eager",
+                  progress=False, log=_quiet)  # fmt: skip
+    assert graphs == 2 and counter.breaks == 0 and counter.recompiles == [], counter.summary()
+    c, e = (read_metrics(tmp_path / name / "metrics.jsonl")[0] for name in ("compiled", "eager"))
+    assert math.isfinite(c["train_loss"]) and compiled["compile_seconds"] > 0
+    for key in ("train_loss", "val_loss", "ema_val_loss", "val_loss_no_tta"):  # bf16 through 12 blocks
+        assert c[key] == pytest.approx(e[key], rel=1e-2), key
+    assert eager["epochs"] == compiled["epochs"] == 1
