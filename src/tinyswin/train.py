@@ -145,17 +145,16 @@ class Run:
     def measure_eval(self) -> float:
         """Seconds one evaluation (all splits, raw and EMA weights) takes, from warm batches."""
 
-        def run_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        def run_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> None:  # the EMA's pass: the same graph
             num_classes = self.cache.num_classes
-            with weights_of(self.model, self.ema.module if self.ema is not None else None):
-                evaluate(
-                    self.eval_model,
-                    iter([batch]),
-                    self.normalize,
-                    num_classes=num_classes,
-                    amp_dtype=self.amp_dtype,
-                    tta=self.cfg.tta,
-                )
+            evaluate(
+                self.eval_model,
+                iter([batch]),
+                self.normalize,
+                num_classes=num_classes,
+                amp_dtype=self.amp_dtype,
+                tta=self.cfg.tta,
+            )
 
         batches = [(next(iter(loader)), loader.num_total) for loader in self.eval_loaders.values()]
         seconds = time_evaluation(run_batch, batches, 2 if self.ema is not None else 1, self.dist.world_size)
