@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -574,11 +575,17 @@ def _warm_up(run: Run) -> float:
     Raises:
         Interrupted: SIGINT or SIGTERM came; the message says what to do.
     """
-    with StopSignals(enabled=run.dist.world_size == 1, immediate=True) as signals:
+    signum = None
+    signals = StopSignals(enabled=run.dist.world_size == 1, immediate=True)
+    with warnings.catch_warnings(record=True) as caught, signals:
         try:
-            return run.warm_up()
+            seconds = run.warm_up()
         except KeyboardInterrupt:
             signum = signals.received or signal.SIGINT
+    if signum is None:
+        for w in caught:  # held back: a stopped compilation's are dropped (autograd's trace of the stop)
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        return seconds
     raise Interrupted(
         f"stopped while compiling and warming up, before epoch {run.state.epoch + 1}: nothing was written "
         "(the run directory is as it was); run it again with --resume (kernels already compiled are read "
