@@ -12,16 +12,24 @@
 # On the machine that has the zips, cut them into parts (one folder per zip, each with a manifest of its
 # parts' sha256 and its SHA256SUMS line; DEST/ZIPS lists the zips, in the order they are extracted):
 #     benchmarks/gpu_speedrun.sh split ../shared/data/tiny-imagenet-200-sub.zip \
-#         ../shared/data/tiny-imagenet-200-train-rest.zip runs/parts --part-size 45M
+#         ../shared/data/tiny-imagenet-200-train-rest.zip runs/parts --part-size 60M
+# (benchmarks/gpu_plan.py does this and lays the parts out one folder per device call, printing the calls in
+# order with their sizes: benchmarks/gpu_plan.md.)
 # On the GPU machine, from the repository root, as often as needed (parts may arrive over several calls; each
 # call copies the parts it finds into the work folder and waits until every zip ZIPS lists is complete):
 #     benchmarks/gpu_speedrun.sh --parts runs/parts --out "$OUT"
+# With --warm-cache --background the first call also starts compiling the preset's training step and
+# evaluation on synthetic data of the run's shapes, detached, into the inductor cache (WORK/inductor-cache,
+# TORCHINDUCTOR_CACHE_DIR): the calls that bring the data overlap the compilation, and the training reads the
+# compiled kernels from the cache instead of compiling (it waits for a fill still running).
 # Before a GPU session, the whole script on a tiny generated dataset on the CPU (a few minutes; nothing kept):
 #     benchmarks/gpu_speedrun.sh --cpu-smoke
 #
 # The budget is the trainer's own clock (`train_seconds` in its summary: evaluation included, compilation and
 # warm-up left out and reported as `compile_seconds`, carried across resumes); an epoch cut short by a call's
-# limit is redone after the resume and not counted.
+# limit is redone after the resume and not counted. Compiled kernels go to WORK/inductor-cache
+# (TORCHINDUCTOR_CACHE_DIR, unless set): a resumed run, and every later call, reads them instead of compiling
+# again; a run stopped while compiling says so and writes nothing.
 #
 # Options (defaults in brackets):
 #     --parts DIR       folder where parts arrive: DIR/<zip>/part-* with PARTS.sha256, PARTS.name and
@@ -40,6 +48,10 @@
 #                       DataLoader (gpu_throughput.py: the preset's model and augmentation, batch 512 and
 #                       1024, compiled), once, into throughput.json
 #     --until STEP      stop after this step: data, prepare, train (e.g. a call that only takes in parts)
+#     --warm-cache      first compile the preset's training step and evaluation (benchmarks/compile_time.py,
+#                       synthetic data of the run's shapes: the preset's batches, 200 classes, 64px, the
+#                       overrides) into the inductor cache, once; its seconds go to the summary
+#     --background      with --warm-cache: compile detached (setsid), so that this call returns at once
 #     --cpu-smoke       run the whole script on the CPU on two tiny generated zips sent as parts (a small
 #                       model, a 40 s budget, gpu_throughput.py --quick) in a temporary folder, and check
 #                       the summary's fields: the check to run before a GPU session
@@ -99,7 +111,7 @@ split_one() {  # split_one ZIP DEST SIZE: parts of one zip, its manifest and its
 }
 
 cmd_split() {
-    local args=() size="45M"
+    local args=() size="60M"
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --part-size) size="$2"; shift 2 ;;
@@ -107,7 +119,7 @@ cmd_split() {
             *) args+=("$1"); shift ;;
         esac
     done
-    [[ ${#args[@]} -ge 2 ]] || die "split: usage: gpu_speedrun.sh split ZIP [ZIP...] DEST_DIR [--part-size 45M]"
+    [[ ${#args[@]} -ge 2 ]] || die "split: usage: gpu_speedrun.sh split ZIP [ZIP...] DEST_DIR [--part-size 60M]"
     local dest="${args[-1]}" zip names=()
     unset 'args[-1]'
     mkdir -p "$dest"
@@ -167,7 +179,7 @@ PY
     bash "${BASH_SOURCE[0]}" split "$tmp/src/tiny-imagenet-200-sub.zip" "$tmp/src/tiny-imagenet-200-train-rest.zip" \
         "$tmp/parts" --part-size 40K
     local args=(--parts "$tmp/parts" --work "$tmp/work" --out "$tmp/out" --budget 40 --call-limit 400 --python "$py"
-        --throughput -- device=cpu threads=1 compile=false model.preset=nano model.embed_dim=16
+        --throughput --warm-cache --background -- device=cpu threads=1 compile=false model.preset=nano model.embed_dim=16
         "model.depths=[1, 1]" "model.num_heads=[1, 2]" model.window_size=4 batch_size=16 eval_batch_size=16
         schedule.epochs=3 schedule.warmup_epochs=1 schedule.mix_off_last_epochs=1)
     for _ in 1 2 3; do  # 75: call again (as on the GPU machine)
@@ -188,6 +200,7 @@ missing += [f"results.{k}" for k in ("val_top1", "val_top5", "val_top1_no_tta", 
 missing += [f"eval.{w}.top1_no_tta" for w in ("best", "last", "best_ema", "last_ema")
             if (s["eval"].get(w) or {}).get("top1_no_tta") is None]
 missing += [f for f in ("config.yaml", "metrics.jsonl", "loss.png", "accuracy.png", "lr.png", "speedrun.log", "throughput.json") if not (out / f).is_file()]
+missing += [] if (s.get("warm_cache") or {}).get("warm_up_s") is not None else ["warm_cache.warm_up_s"]
 if missing:
     sys.exit(f"cpu smoke: missing {missing}")
 print(f"cpu smoke: speedrun.json complete; compile_seconds {s['compile_seconds']}; {len(list(out.iterdir()))} files")
@@ -209,6 +222,8 @@ BUDGET=300
 CALL_LIMIT=570
 PY=""
 THROUGHPUT=0
+WARM_CACHE=0
+BACKGROUND=0
 UNTIL=""
 OVERRIDES=()
 while [[ $# -gt 0 ]]; do
@@ -223,6 +238,8 @@ while [[ $# -gt 0 ]]; do
         --call-limit) CALL_LIMIT="$2"; shift 2 ;;
         --python) PY="$2"; shift 2 ;;
         --throughput) THROUGHPUT=1; shift ;;
+        --warm-cache) WARM_CACHE=1; shift ;;
+        --background) BACKGROUND=1; shift ;;
         --until) UNTIL="$2"; shift 2 ;;
         --cpu-smoke) cpu_smoke; exit 0 ;;
         --) shift; OVERRIDES=("$@"); break ;;
@@ -245,9 +262,11 @@ mkdir -p "$OUT_DIR" "$WORK/parts" "$WORK/zips" "$WORK/state"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 LOG="$WORK/state/speedrun.log"  # every call's output, copied to --out when a call ends
 exec > >(tee -a "$LOG") 2>&1
-trap 'sleep 0.2; cp "$LOG" "$OUT_DIR/speedrun.log" 2>/dev/null || true' EXIT
+EXTRACT=""  # the folder several zips are extracted into (in memory when it can be), removed on exit
+trap 'sleep 0.2; cp "$LOG" "$OUT_DIR/speedrun.log" 2>/dev/null || true; [[ -z "$EXTRACT" ]] || rm -rf "$EXTRACT"' EXIT
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor-cache}"  # compiled once, read after
 log "call started $(date -u +%FT%TZ); work $WORK; out $OUT_DIR; python $PY"
 
 phase_mark() {  # phase_mark NAME SECONDS: add this call's seconds of a phase to the state
@@ -383,8 +402,8 @@ prepare_step() {
     if [[ ${#names[@]} -eq 1 ]]; then
         source="$ZIP_DIR/${names[0]}"
     else  # several zips: extracted over each other, in order, into one folder (the official layout)
-        rm -rf "$WORK/extract"
-        source="$("$PY" - "$WORK/extract" "${names[@]/#/$ZIP_DIR/}" <<'PY'
+        extract_dir
+        source="$("$PY" - "$EXTRACT" "${names[@]/#/$ZIP_DIR/}" <<'PY'
 import sys, zipfile
 from pathlib import Path
 dest = Path(sys.argv[1])
@@ -399,12 +418,73 @@ PY
     fi
     log "cache: preparing $WORK/cache from $source"
     "$PY" -m tinyswin prepare "$source" --out "$WORK/cache" --quiet
-    rm -rf "$WORK/extract"
+    [[ -z "$EXTRACT" ]] || rm -rf "$EXTRACT"
+    EXTRACT=""
     phase_mark prepare $((SECONDS - start))
+}
+
+extract_dir() {  # EXTRACT: a fresh folder in /dev/shm when it has room for twice the zips, else in WORK
+    local need_kb free_kb
+    need_kb=$(( $(du -cb "$ZIP_DIR"/*.zip | tail -n 1 | cut -f1) / 512 ))  # twice their size, in KiB
+    free_kb=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}' || true)
+    rm -rf "$WORK/extract"
+    if [[ -w /dev/shm && "${free_kb:-0}" -gt "$need_kb" ]]; then  # 100,000 small files: minutes on a disk
+        EXTRACT="$(mktemp -d /dev/shm/speedrun-extract.XXXXXX)"
+    else
+        EXTRACT="$WORK/extract"
+    fi
 }
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. train (with the budget; resumed across calls)
+
+# ----------------------------------------------------------------------------------------------------------
+# 0. warm cache: the preset's graphs compiled into the inductor cache before the data is there
+
+WARM_PID="$WORK/state/warm-cache.pid"
+
+warm_cache_running() {
+    [[ -f "$WARM_PID" ]] && kill -0 "$(cat "$WARM_PID")" 2>/dev/null
+}
+
+warm_cache_step() {
+    [[ $WARM_CACHE -eq 1 ]] || return 0
+    if [[ -f "$WORK/state/warm-cache.json" ]]; then
+        log "warm cache: filled already ($TORCHINDUCTOR_CACHE_DIR)"
+        return
+    fi
+    if warm_cache_running; then
+        log "warm cache: still compiling (pid $(cat "$WARM_PID"))"
+        return
+    fi
+    "$PY" -c 'import torch; print("gpu_speedrun: torch", torch.__version__, "on",
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no CUDA)")'
+    local cmd=("$PY" "$ROOT/benchmarks/compile_time.py" --preset "$PRESET" --steps 1
+        --json "$WORK/state/warm-cache.json" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+    if [[ $BACKGROUND -eq 1 ]]; then
+        setsid nohup "${cmd[@]}" > "$WORK/state/warm-cache.log" 2>&1 < /dev/null &
+        echo $! > "$WARM_PID"
+        log "warm cache: compiling in the background (pid $!) into $TORCHINDUCTOR_CACHE_DIR; log $WORK/state/warm-cache.log"
+        return
+    fi
+    local start=$SECONDS
+    "${cmd[@]}" || die "warm cache: compile_time.py failed; see $LOG"
+    phase_mark warm_cache $((SECONDS - start))
+}
+
+wait_for_warm_cache() {  # before training: a fill still compiling is waited for, then read from the cache
+    warm_cache_running || return 0
+    local start=$SECONDS
+    log "train: waiting for the warm cache to finish compiling (pid $(cat "$WARM_PID"))"
+    while warm_cache_running; do sleep 1; done
+    phase_mark warm_cache_wait $((SECONDS - start))
+    if [[ -f "$WORK/state/warm-cache.json" ]]; then
+        tail -n 1 "$WORK/state/warm-cache.log"
+    else  # its output goes into this log, which comes back
+        log "train: the warm cache failed, the training compiles cold; the end of its log:"
+        tail -n 30 "$WORK/state/warm-cache.log" 2>/dev/null || true
+    fi
+}
 
 EVAL_RESERVE=45  # seconds kept for evaluation and the summary after training stops
 
@@ -414,6 +494,7 @@ train_step() {
         log "train: $run finished"
         return
     fi
+    wait_for_warm_cache
     local left=$(( CALL_LIMIT - (SECONDS - CALL_START) - EVAL_RESERVE ))
     if (( left < 30 )); then
         log "train: only ${left}s left in this call; call again to continue"
@@ -442,25 +523,29 @@ train_step() {
 # ----------------------------------------------------------------------------------------------------------
 # 4. evaluate (with and without the test-time flip) and summarize
 
-eval_step() {
-    local start=$SECONDS run="$WORK/run" which ema=0
-    if "$PY" - "$run/config.yaml" <<'PY'
-import sys, yaml
-sys.exit(0 if (yaml.safe_load(open(sys.argv[1])) or {}).get("ema", {}).get("enabled") else 1)
+eval_step() {  # best.pt and last.pt, raw and EMA weights, with and without the flip: one process
+    local start=$SECONDS
+    "$PY" - "$WORK/run" "$WORK/cache" "$WORK/state" <<'PY' || die "eval failed; see $LOG"
+import json, sys
+from pathlib import Path
+import yaml
+from tinyswin.evaluate import evaluate_checkpoint
+
+run, cache, state = (Path(a) for a in sys.argv[1:4])
+ema = bool((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("ema", {}).get("enabled"))
+for which in ("best", "last"):
+    for suffix, use_ema in (("", False), ("_ema", True)):
+        out = state / f"eval_{which}{suffix}.json"
+        if out.exists() or (use_ema and not ema):
+            continue
+        result = evaluate_checkpoint(run / f"{which}.pt", data=str(cache), ema=use_ema, tta="flip",
+                                     log=lambda _m: None, progress=False)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result) + "\n")
+        tmp.replace(out)
+        print(f"gpu_speedrun: eval {which}{suffix}: top-1 {100 * result['top1']:.2f}% "
+              f"(without the flip {100 * result['top1_no_tta']:.2f}%)", flush=True)
 PY
-    then ema=1; fi
-    for which in best last; do
-        if [[ ! -f "$WORK/state/eval_$which.json" ]]; then
-            "$PY" -m tinyswin eval "$run/$which.pt" --data "$WORK/cache" --tta flip --json \
-                > "$WORK/state/eval_$which.json.tmp"
-            mv "$WORK/state/eval_$which.json.tmp" "$WORK/state/eval_$which.json"
-        fi
-        if [[ $ema -eq 1 && ! -f "$WORK/state/eval_${which}_ema.json" ]]; then
-            "$PY" -m tinyswin eval "$run/$which.pt" --data "$WORK/cache" --ema --tta flip --json \
-                > "$WORK/state/eval_${which}_ema.json.tmp"
-            mv "$WORK/state/eval_${which}_ema.json.tmp" "$WORK/state/eval_${which}_ema.json"
-        fi
-    done
     phase_mark eval $((SECONDS - start))
 }
 
@@ -511,6 +596,7 @@ summary = {
     "train_seconds": train.get("train_seconds"),
     "wall_seconds": sum(phases.values()),
     "eval": {name: read(state / f"eval_{name}.json") for name in ("best", "last", "best_ema", "last_ema")},
+    "warm_cache": read(state / "warm-cache.json"),  # the compilation done before the data (--warm-cache)
     "train": train,
     "phase_seconds": phases,
 }
@@ -552,6 +638,7 @@ throughput_step() {
     phase_mark throughput $((SECONDS - start))
 }
 
+warm_cache_step
 data_step
 stop_after data
 prepare_step

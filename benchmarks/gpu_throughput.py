@@ -4,9 +4,13 @@ batch sizes and card.
 
 The model and augmentation are a training preset's (default ``speedrun``: the tiny64 Swin and the ``light``
 augmentation with Mixup/CutMix, parameters drawn on the device when the preset sets
-``augment.device_params``). Arms, for each batch size (default 512 and 1024), all running the identical
-training step (autocast bf16 on CUDA / fp32 on CPU, cross-entropy with label smoothing 0.05, backward, grad
-clip 3.0, AdamW fused on CUDA) on one model, compiled with ``torch.compile`` on CUDA (``--compile``):
+``augment.device_params``). Arms, for each batch size (``--batches``, default 512 and 1024), all running the
+identical training step (autocast bf16 on CUDA / fp32 on CPU, cross-entropy with label smoothing 0.05,
+backward, grad clip 3.0, AdamW fused on CUDA) on one model, compiled with ``torch.compile`` on CUDA
+(``--compile``). Each batch size gets a model of its own (the same seed, so the same weights), compiled with
+static shapes after ``torch._dynamo.reset()``: one graph per size, never a recompile of another size's graph
+(compiling several sizes into one dynamo cache turned on dynamic shapes once, and inductor's dynamic-shape
+code crashed on an H100: ``NameError: name 's27' is not defined``):
 
 - ``notebook``: a ``torch.utils.data.DataLoader`` over PIL images with the notebook's transforms, in order
   (RandomResizedCrop(64, scale 0.9-1), flip, RandAugment(2, 5), ColorJitter(0.2, 0.2, 0.2, 0.05), ToTensor,
@@ -25,7 +29,8 @@ model; ``--json FILE`` writes them too, with the seconds of the first (compiling
 ``--quick`` is a short CPU check of the whole script (a small model on the built-in dataset).
 
     python benchmarks/gpu_throughput.py --data runs/speedrun/cache                # speedrun preset, 512, 1024
-    python benchmarks/gpu_throughput.py --data CACHE --batch-size 256 --preset seed --no-compile
+    python benchmarks/gpu_throughput.py --data runs/speedrun/cache --batches 512  # one size: one compile
+    python benchmarks/gpu_throughput.py --data CACHE --batches 256 --preset seed --no-compile
     python benchmarks/gpu_throughput.py --quick                                   # on the CPU, seconds
 """
 
@@ -53,6 +58,7 @@ from tinyswin.data.synthetic import ensure_synthetic
 from tinyswin.model import SwinTransformer
 from tinyswin.optim import build_adamw
 from tinyswin.paths import cache_root
+from tinyswin.runtime import compile_static
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,9 +141,10 @@ def fixed_batch(
 def make_step(
     model: nn.Module, device: torch.device, compile_model: bool = False, compile_mode: str = "default"
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One optimizer step on a batch (the same for every arm); returns the loss (not synchronized)."""
+    """One optimizer step on a batch (the same for every arm); returns the loss (not synchronized). Compiled
+    as training compiles it (`tinyswin.runtime.compile_static`: static shapes)."""
     optimizer = build_adamw(model, 1e-4, weight_decay=0.05, device=device)
-    forward = torch.compile(model, mode=compile_mode) if compile_model else model
+    forward = compile_static(model, compile_mode) if compile_model else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -257,8 +264,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         images, labels = images[: args.limit], labels[: args.limit]
     images = np.ascontiguousarray(images)  # in memory for every arm
     model, augment, cfg = build_run(args, cache)
-    model = model.to(device).train()
-    step = make_step(model, device, compile_model, args.compile_mode)
     results: dict[str, Any] = {
         "device": describe_device(device),
         "torch": torch.__version__,
@@ -276,10 +281,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_images": len(labels),
         "batch_sizes": {},
     }
-    for batch_size in args.batch_size:
+    del model
+    for batch_size in args.batches:
+        torch._dynamo.reset()  # a compiled model of its own: no other size's graph, no recompile
+        model, augment, _ = build_run(args, cache)  # the same seed: the same weights for every size
+        model = model.to(device).train()
+        step = make_step(model, device, compile_model, args.compile_mode)
         results["batch_sizes"][str(batch_size)] = run_batch_size(
             args, batch_size, images, labels, step, augment, device
         )
+        del model, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
@@ -326,7 +337,7 @@ def run_batch_size(
             out[name] = arms[a] / arms[b]
             print(f"batch {batch_size:5d}  {a} / {b}: {out[name]:.2f}x", flush=True)
     if "model" in out["arms"]:
-        out["first_steps_seconds"] = out["arms"]["model"]["warmup_seconds"]  # compiling, at the first size
+        out["first_steps_seconds"] = out["arms"]["model"]["warmup_seconds"]  # compiling this size's graph
     return out
 
 
@@ -355,8 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="model preset instead of the training preset's")
     parser.add_argument("--augment", default=None, help="augment preset instead of the training preset's")
     parser.add_argument(
-        "--batch-size", type=int, nargs="+", default=[512, 1024], help="images per step (default: 512 1024)"
-    )
+        "--batches", type=int, nargs="+", default=[512, 1024], metavar="SIZE",
+        help="batch sizes (images per step) to time, each with its own compiled model (default: 512 1024; "
+        "one size, e.g. --batches 512, compiles once)",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers of the notebook arm")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per arm")
     parser.add_argument(
@@ -386,7 +399,7 @@ def quick(args: argparse.Namespace) -> argparse.Namespace:
     """`--quick`: the same script at a size a CPU runs in seconds."""
     args.device = "cpu" if args.device == "auto" else args.device
     args.model = args.model or "nano"
-    args.batch_size = [16]
+    args.batches = [16]
     args.warmup, args.steps, args.workers = 1, 2, 0
     args.limit = args.limit or 256
     args.compile = False if args.compile is None else args.compile

@@ -68,6 +68,8 @@ CASES: dict[str, tuple[Any, Any]] = {
     "sync_every": (0, 1),
     "checkpoint.every_epochs": (0, None),
     "checkpoint.every_seconds": (0.0, 1e-9),
+    "evaluation.every_epochs": (0, None),
+    "evaluation.every_seconds": (-1.0, 1e-9),
     "seed": (-1, 0),
     "device": ("foo", "cuda:0"),
     "max_nonfinite": (0, 1),
@@ -77,6 +79,7 @@ CASES: dict[str, tuple[Any, Any]] = {
     "log.wandb": ("yes", True),
     "log.mlflow": (None, False),
     "log.project": ("  ", "p"),
+    "plots": ("never", "end"),
     "init": ("timm:", "timm:swin_tiny_patch4_window7_224"),
 }
 

@@ -157,6 +157,23 @@ def test_window_token_order_is_shift_then_partition() -> None:
     assert window_token_order(block_geometry((4, 4), (4, 4), False)) is None
 
 
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_token_order_is_none_exactly_where_windowing_keeps_the_order(shifted: bool) -> None:
+    """The rule read off the geometry (no host read of a tensor) against the permutation itself."""
+    for size in [(1, 1), (1, 6), (4, 1), (4, 4), (5, 7), (6, 8), (8, 8)]:
+        for table in [(1, 1), (1, 4), (2, 2), (3, 4), (4, 1), (4, 4), (8, 8)]:
+            geo = block_geometry(size, table, shifted, shift_full_window=True)
+            hp, wp = geo.padded
+            tokens = torch.roll(
+                torch.arange(hp * wp).view(1, hp, wp, 1), (-geo.shift[0], -geo.shift[1]), (1, 2)
+            )
+            identity = torch.equal(window_partition(tokens, geo.window).flatten(), torch.arange(hp * wp))
+            order = window_token_order(geo)
+            assert (order is None) == identity, (size, table, geo)
+            if order is not None:
+                assert torch.equal(order, window_partition(tokens, geo.window).flatten())
+
+
 def test_permute_tokens_backward_is_the_inverse_gather() -> None:
     order = torch.randperm(10)
     x = torch.randn(3, 10, 4, requires_grad=True)

@@ -167,6 +167,64 @@ def test_split_checks_the_published_checksum_beside_the_zip(tmp_path: Path) -> N
     assert (tmp_path / "parts" / "tiny" / "SHA256SUMS").read_text() == f"{_sha(zip_path)}  tiny.zip\n"
 
 
+def _load_plan() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gpu_plan", ROOT / "benchmarks" / "gpu_plan.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_plan"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_plan_packs_parts_into_calls_within_the_limit() -> None:
+    plan = _load_plan()
+    assert plan.plan_calls([60, 40, 60, 36], 2, 64) == [[0], [1], [2], [3]]  # one part of 60 a call
+    assert plan.plan_calls([10, 10, 10, 50, 12], 2, 64) == [[0, 1, 2], [3, 4]]  # 2 + 50 + 12 = 64 fits
+    assert plan.plan_calls([10, 10, 10, 50, 13], 2, 64) == [[0, 1, 2], [3], [4]]
+    assert plan.plan_calls([30, 30, 3], 2, 64) == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="do not fit"):
+        plan.plan_calls([63], 2, 64)
+
+
+def test_the_plans_calls_bring_the_zips_in_order_and_the_last_joins_them(tmp_path: Path) -> None:
+    """gpu_plan.py lays the parts out one folder per call; gpu_speedrun.sh, given every call's folder, waits
+    until the last call has come, then joins and checks both zips."""
+    plan = _load_plan()
+    zips = [tmp_path / "src" / "a-sub.zip", tmp_path / "src" / "b-rest.zip"]
+    zips[0].parent.mkdir()
+    for path, size in zip(zips, (300_000, 150_000), strict=True):
+        path.write_bytes(os.urandom(size))
+    tree = plan.tree_bytes(ROOT)
+    limit_mib = (tree + 220_000) / plan.MIB  # room for one part of 0.2 MiB a call
+    out = tmp_path / "gpu"
+    args = ["--zips", *map(str, zips), "--out", str(out), "--part-mib", "0.2", "--limit-mib", str(limit_mib)]
+    assert plan.main(args) == 0
+    calls = sorted(out.glob("call-*"))
+    assert [c.name for c in calls] == ["call-1", "call-2", "call-3"]  # 0.2 + 0.086 MiB of a, then b's 0.143
+    for call in calls:
+        carried = sum(f.stat().st_size for f in call.rglob("*") if f.is_file())
+        assert tree + carried <= limit_mib * plan.MIB
+        assert (call / "ZIPS").read_text() == "a-sub.zip\nb-rest.zip\n"
+    work = tmp_path / "work"
+    flags = [a for c in calls for a in ("--parts", c)]
+    for call in calls[:2]:  # the calls arrive one by one (a folder not there yet is skipped)
+        (tmp_path / "later").mkdir(exist_ok=True)
+        for later in calls[calls.index(call) + 1 :]:
+            later.rename(tmp_path / "later" / later.name)
+        waiting = _run(*flags, "--work", work, "--until", "data", cwd=tmp_path)
+        assert waiting.returncode == 3, waiting.stdout + waiting.stderr
+        for later in (tmp_path / "later").iterdir():
+            later.rename(out / later.name)
+    done = _run(*flags, "--work", work, "--until", "data", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for path in zips:
+        assert (work / "zips" / path.name).read_bytes() == path.read_bytes()
+    assert [line.split()[0] for line in (work / "state" / "data.ok").read_text().splitlines()] == [
+        "a-sub.zip",
+        "b-rest.zip",
+    ]
+
+
 def _tiny_imagenet_zip(path: Path, classes: int = 4, per_class: int = 12, val_per_class: int = 4) -> None:
     """An official-layout Tiny ImageNet zip: class c tints channel c % 3 under noise; the first val image of
     every class shows the next class, so val top-1 stays below 100% (an exact-reproduction check then means
@@ -303,7 +361,7 @@ def test_throughput_arms_count_their_images(tmp_path: Path, device: str, one_thr
     x, y = next(batches)
     assert x.shape == (8, 3, 64, 64) and x.device.type == device and y.device.type == device
     out = tmp_path / "tp.json"
-    args = ["--data", str(cache), "--model", "nano", "--batch-size", "8", "--warmup", "1", "--steps", "2"]
+    args = ["--data", str(cache), "--model", "nano", "--batches", "8", "--warmup", "1", "--steps", "2"]
     assert gt.main([*args, "--workers", "0", "--device", device, "--no-compile", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["augment"]["device_params"] is True  # the speedrun preset's augmentation

@@ -84,7 +84,7 @@ def tiny_overrides(cache: Path, epochs: int = 12) -> list[str]:
         "optim.lr_base_batch=16",
         "tensorboard=false",
         "seed=0",
-        "precision=fp32",  # the same arithmetic on every CPU (auto is bf16 where the CPU has bf16 instructions)
+        "precision=fp32",  # the same arithmetic on every CPU (auto: bf16 where the CPU has bf16 instructions)
     ]
 
 

@@ -14,13 +14,14 @@ the budget runs out inside an epoch, the epoch ends there and so does the run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from tinyswin.config import ScheduleConfig, TrainConfig
+from tinyswin.config import EvaluationConfig, ScheduleConfig, TrainConfig
 from tinyswin.engine import LoopState
 from tinyswin.optim import WarmupCosine
 from tinyswin.runtime import DistContext, broadcast_from_rank0
@@ -57,6 +58,17 @@ def fitting_epochs(seconds_left: float, epoch_seconds: float) -> int:
     return max(1, int(seconds_left // max(epoch_seconds, 1e-9)))
 
 
+def evaluated_fraction(evaluation: EvaluationConfig, epoch_seconds: float) -> float:
+    """The share of epochs that `evaluation`'s interval evaluates, for epochs of `epoch_seconds` (1: every
+    epoch; 0: only the last, which is always evaluated besides)."""
+    fractions = [0.0]
+    if evaluation.every_epochs is not None:
+        fractions.append(1 / evaluation.every_epochs)
+    if evaluation.every_seconds is not None:
+        fractions.append(1 / max(1, math.ceil(evaluation.every_seconds / max(epoch_seconds, 1e-9))))
+    return max(fractions)
+
+
 def plan_budget(
     cfg: TrainConfig,
     *,
@@ -69,20 +81,24 @@ def plan_budget(
     """The plan of a time-budgeted run, made during its first epoch from the measured speed.
 
     With `elapsed` seconds gone (setup included) and `steps_done` steps of the first epoch taken, the rest of
-    that epoch plus N - 1 more epochs (each `sec_per_step * iters_per_epoch + eval_seconds`, with 3% spare for
-    checkpoints and plots) must fit in what is left of `cfg.time_budget`. The schedule section is then
-    compressed (or stretched) to N epochs, see `compress_schedule`.
+    that epoch plus N - 1 more epochs (each `sec_per_step * iters_per_epoch`, plus the evaluation's
+    `eval_seconds` in the share of epochs that `cfg.evaluation` evaluates), the last epoch's evaluation in
+    full, and 3% spare for checkpoints and plots must fit in what is left of `cfg.time_budget`: the budget
+    holds every evaluation. The schedule section is then compressed (or stretched) to N epochs, see
+    `compress_schedule`.
     """
     assert cfg.time_budget is not None
-    epoch_seconds = sec_per_step * iters_per_epoch + eval_seconds
-    first_rest = sec_per_step * (iters_per_epoch - steps_done) + eval_seconds
-    left = (cfg.time_budget - elapsed) / _SPARE - first_rest
+    fraction = evaluated_fraction(cfg.evaluation, sec_per_step * iters_per_epoch)
+    epoch_seconds = sec_per_step * iters_per_epoch + eval_seconds * fraction
+    first_rest = sec_per_step * (iters_per_epoch - steps_done) + eval_seconds * fraction
+    left = (cfg.time_budget - elapsed) / _SPARE - first_rest - eval_seconds * (1 - fraction)
     epochs = 1 + (fitting_epochs(left, epoch_seconds) if left >= epoch_seconds else 0)
     original = dataclasses.asdict(cfg.schedule)
     return {
         "budget_s": cfg.time_budget,
         "sec_per_step": sec_per_step,
         "eval_seconds": eval_seconds,
+        "eval_fraction": fraction,
         "epoch_seconds": epoch_seconds,
         "planned_at_s": elapsed,
         "original_schedule": original,
@@ -95,14 +111,17 @@ def replan(
     schedule: ScheduleConfig, budget_s: float, state: LoopState, epoch_times: list[float], say: LogFn
 ) -> ScheduleConfig:
     """After an epoch: the remaining epochs fitted into the remaining budget (after the first epoch in either
-    direction, later only fewer); the run stops at a checkpoint when no further epoch fits.
+    direction, later only fewer), the last epoch's evaluation included; the run stops at a checkpoint when no
+    further epoch fits.
 
     The time per epoch is the mean of the last three; the decision is appended to `state.plan["replanned"]`.
     """
     assert state.plan is not None
     recent = epoch_times[-3:]
     epoch_seconds = sum(recent) / len(recent)
-    left = budget_s - state.train_seconds
+    plan = state.plan
+    last_eval = plan.get("eval_seconds", 0.0) * (1 - plan.get("eval_fraction", 1.0))  # the end's, unless in
+    left = budget_s - state.train_seconds - last_eval
     fit = state.epoch + (int(left // epoch_seconds) if left > 0 else 0)
     planned = schedule.epochs
     first = not state.plan["replanned"]
@@ -146,24 +165,32 @@ def time_evaluation(
 
 
 class BudgetClock:
-    """`should_stop` of a time-budgeted epoch: True once the run's wall time passes the budget.
+    """`should_stop` of a time-budgeted epoch: True once the run's wall time passes the budget less `reserve`
+    (the evaluation that follows a stop, which the budget holds too).
 
     With several processes, rank 0's clock decides for all, by a broadcast on `device` every `every` steps
     (a broadcast waits for the device, so not every step; the run may overshoot by `every - 1` steps).
     """
 
     def __init__(
-        self, budget: float, clock_start: float, dist: DistContext, device: torch.device, every: int = 8
+        self,
+        budget: float,
+        clock_start: float,
+        dist: DistContext,
+        device: torch.device,
+        every: int = 8,
+        reserve: float = 0.0,
     ) -> None:
         self.budget = budget
         self.clock_start = clock_start
         self.dist = dist
         self.device = device
         self.every = every
+        self.reserve = reserve
         self.calls = 0
 
     def __call__(self) -> bool:
-        over = time.perf_counter() - self.clock_start > self.budget
+        over = time.perf_counter() - self.clock_start > self.budget - self.reserve
         if self.dist.world_size == 1:
             return over
         self.calls += 1
@@ -227,7 +254,12 @@ class TimeBudget:
 
     def start_epoch(self) -> None:
         """Reset the per-epoch clock (every process counts its steps from here)."""
-        self.clock = BudgetClock(self.seconds, self.clock_start, self.dist, self.device)
+        reserve = self._reserve()
+        self.clock = BudgetClock(self.seconds, self.clock_start, self.dist, self.device, reserve=reserve)
+
+    def _reserve(self) -> float:
+        """Seconds kept for the evaluation after a stop inside an epoch (the plan's measure; 0 before it)."""
+        return float(self.state.plan.get("eval_seconds", 0.0)) if self.state.plan is not None else 0.0
 
     def should_stop(self) -> bool:
         """True once the budget has run out (asked after every optimizer step)."""
@@ -266,6 +298,7 @@ class TimeBudget:
         )
         self._reschedule(plan["schedule"])
         self.state.plan = plan
+        self.clock.reserve = self._reserve()
         self._new_plan = True
 
     def _reschedule(self, schedule: dict[str, Any]) -> None:

@@ -146,6 +146,19 @@ class LogConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """When the evaluated splits are evaluated (raw and EMA weights; this time counts in a time budget).
+
+    Always after the last epoch, a time budget's last included. In between, after an epoch once `every_epochs`
+    epochs or `every_seconds` seconds (the run's clock) have passed since the previous evaluation, whichever
+    comes first (null: that rule is off; both null: only at the end). best.pt follows the evaluated epochs.
+    """
+
+    every_epochs: int | None = 1
+    every_seconds: float | None = None
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs besides the run directory."""
 
@@ -156,6 +169,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     log: LogConfig = field(default_factory=LogConfig)
     batch_size: int = 128  # global: summed over processes and accumulation steps
     accumulation: int = 1  # micro-batches per optimizer step
@@ -175,6 +189,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch's intra-op work (0: torch's default, one per core)
     time_budget: float | None = None  # seconds; the schedule is planned to fit and the run stops in time
     tensorboard: bool = False  # TensorBoard event files (RUN_DIR/tensorboard/) when tensorboard is installed
+    plots: Literal["epoch", "end"] = "epoch"  # redrawn after epochs (<= ~10% of the time), or only at the end
     init: str | None = None  # start from these weights: timm:NAME, a weights file, a run or export folder
 
     def peak_lr(self) -> float:
@@ -400,7 +415,7 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
     return items
 
 
-_SECTIONS = ("model", "data", "augment", "optim", "schedule", "ema", "checkpoint", "log")
+_SECTIONS = ("model", "data", "augment", "optim", "schedule", "ema", "checkpoint", "evaluation", "log")
 _EXTERNAL = ("model", "augment")  # sections whose overrides are the fields of another module's dataclass
 
 

@@ -501,16 +501,16 @@ def window_token_order(geometry: WindowGeometry) -> torch.Tensor | None:
     Returns:
         (Hp * Wp,) int64 permutation: position t of the windowed sequence (window-major, row-major inside a
         window) holds token `order[t]` of the padded (Hp, Wp) map, flattened row-major. None when windowing
-        leaves the order unchanged (one window, no shift).
+        leaves the order unchanged: no shift, and windows as wide as the map or one row high (decided from
+        the geometry, so that building a plan reads no tensor on the host).
     """
     hp, wp = geometry.padded
+    if geometry.shift == (0, 0) and (geometry.window[1] == wp or geometry.window[0] == 1):
+        return None  # windows of whole rows, or pieces of one row: the row-major order already
     tokens = torch.arange(hp * wp).view(1, hp, wp, 1)  # (1, Hp, Wp, 1)
     if geometry.shift != (0, 0):
         tokens = torch.roll(tokens, shifts=(-geometry.shift[0], -geometry.shift[1]), dims=(1, 2))
-    order = window_partition(tokens, geometry.window).flatten()  # (Hp*Wp,)
-    if torch.equal(order, torch.arange(hp * wp)):
-        return None
-    return order
+    return window_partition(tokens, geometry.window).flatten()  # (Hp*Wp,)
 
 
 class _PermuteTokens(torch.autograd.Function):
@@ -819,12 +819,17 @@ class SwinBlock(nn.Module):
         self._plans: dict[tuple[IntPair, torch.device], BlockPlan] = {}
 
     def plan(self, size: IntPair, device: torch.device) -> BlockPlan:
-        """The block's BlockPlan for a (H, W) map on `device`, cached."""
+        """The block's BlockPlan for a (H, W) map on `device`, cached.
+
+        The model builds the plans of its input size when it is made or moved (`SwinTransformer.prepare`), so
+        a compiled forward only looks them up. A plan missing there is built outside the graph (a graph break,
+        and a recompile on the next call: once per new size).
+        """
         key = (size, device)
         if key not in self._plans:
-            self._plans[key] = block_plan(
-                size, self.attn.table_window, self.shifted, self.shift_full_window, device
-            )
+            build = torch.compiler.disable(block_plan) if torch.compiler.is_compiling() else block_plan
+            table = self.attn.table_window
+            self._plans[key] = build(size, table, self.shifted, self.shift_full_window, device)
         return self._plans[key]
 
     def window_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -1082,6 +1087,30 @@ class SwinTransformer(nn.Module):
             for module in self.modules():
                 if isinstance(module, WindowAttention):
                     nn.init.trunc_normal_(module.relative_position_bias_table, std=config.rpb_init_std)
+        self._prepared: list[IntPair] = []  # input sizes whose plans follow the model to every device
+        self.prepare((height, width))
+
+    def prepare(self, size: IntPair) -> None:
+        """Build every block's plan (window geometry, index, mask, token order) for inputs of `size` (H, W)
+        pixels on the model's device, and again whenever the model moves (`.to`, `.cuda`): a forward at that
+        size then only looks plans up, so `torch.compile` traces one graph with no break and no host read.
+        The config's `img_size` is prepared when the model is made.
+        """
+        if size not in self._prepared:
+            self._prepared.append(size)
+        device = self.norm.weight.device
+        grid = (size[0] // self.config.patch_size, size[1] // self.config.patch_size)
+        for i, stage in enumerate(self.stages):
+            for block in stage.blocks:
+                block.plan((grid[0] // 2**i, grid[1] // 2**i), device)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> SwinTransformer:
+        """nn.Module's `_apply` (behind `.to`, `.cuda`, `.half`, ...), then the prepared plans on the new
+        device."""
+        super()._apply(fn, recurse)
+        for size in self._prepared:
+            self.prepare(size)
+        return self
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -18,6 +18,7 @@ SCHEDULE_STEPS = ("iteration", "epoch")
 SCHEDULE_SHAPES = ("cosine", "linear")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TTA_MODES = ("none", "flip")
+PLOT_TIMES = ("epoch", "end")
 
 
 class Range(NamedTuple):
@@ -138,6 +139,8 @@ RANGES: Mapping[str, Range] = types.MappingProxyType(
         "sync_every": interval(1, integer=True),
         "checkpoint.every_epochs": interval(1, integer=True, null="null (by seconds only)"),
         "checkpoint.every_seconds": interval(0, open_low=True, null="null (by epochs only)"),
+        "evaluation.every_epochs": interval(1, integer=True, null="null (by seconds only)"),
+        "evaluation.every_seconds": interval(0, open_low=True, null="null (by epochs only)"),
         "seed": Range(interval(0, 2**64, integer=True, open_high=True).check, "an integer in [0, 2**64)"),
         "device": Range(
             lambda value: isinstance(value, str) and _DEVICE.fullmatch(value) is not None,
@@ -152,6 +155,7 @@ RANGES: Mapping[str, Range] = types.MappingProxyType(
         "log.project": Range(
             lambda value: isinstance(value, str) and value.strip() != "", "a non-empty name"
         ),
+        "plots": choice(PLOT_TIMES),
         "init": Range(
             lambda value: value is None or (isinstance(value, str) and value.strip() not in ("", "timm:")),
             "a weights file, a run or export folder, timm:NAME, or null (fresh weights)",

@@ -1,12 +1,13 @@
 """The files of a run: config, metrics, checkpoints, plots, TensorBoard events and the summary.
 
     RUN_DIR/config.yaml     every key of the run's config (the model and augmentation spelled out)
-    RUN_DIR/metrics.jsonl   one JSON record per epoch
+    RUN_DIR/metrics.jsonl   one JSON record per epoch (the evaluation's numbers on the epochs evaluated)
     RUN_DIR/last.pt         the checkpoint of the last epoch written (what --resume continues from): every
                             `checkpoint.every_epochs` epochs / `checkpoint.every_seconds` seconds, after the
                             last epoch and when a run stops
     RUN_DIR/best.pt         the best epoch on the selection split, without optimizer state (eval, predict)
-    RUN_DIR/plots/          loss, accuracy and learning rate, redrawn as the run goes
+    RUN_DIR/plots/          loss, accuracy and learning rate, redrawn as the run goes (`plots: epoch`) or
+                            drawn when it ends or stops (`plots: end`)
     RUN_DIR/tensorboard/    event files, when TensorBoard is installed and `tensorboard` is on
     RUN_DIR/summary.json    the final numbers
     RUN_DIR/trackers.json   the runs of the experiment trackers (`log.wandb`, `log.mlflow`), for a resume
@@ -410,10 +411,12 @@ class RunDir:
         improved: bool,
         checkpoint: Callable[[], dict[str, Any]],
         due: bool = True,
+        plot: bool = True,
     ) -> None:
         """Write the epoch's files, in an order that keeps `--resume` right if any write fails: best.pt (if
         `improved`, or a best epoch kept since the last write), last.pt (if `due`), metrics.jsonl (rewritten
-        whole, atomically), then the plots (when redrawing costs at most ~10% of the time) and TensorBoard.
+        whole, atomically), then the plots (if `plot`, when redrawing costs at most ~10% of the time) and
+        TensorBoard.
 
         best.pt goes before last.pt: if last.pt then fails, the resumed run redoes this epoch and writes
         best.pt again; the other way round, a failed best.pt would stay older than the best epoch last.pt
@@ -433,12 +436,8 @@ class RunDir:
         if due:
             self.flush()
         self._write_metrics([*self._metric_lines, json.dumps(record) + "\n"])
-        if time.perf_counter() - self._plotted_at >= 10 * self._plot_seconds:
-            start = time.perf_counter()
-            with self._guard(self.path / "plots"):
-                plot_run(self.path)
-            self._plotted_at = time.perf_counter()
-            self._plot_seconds = self._plotted_at - start
+        if plot and time.perf_counter() - self._plotted_at >= 10 * self._plot_seconds:
+            self.plot()
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "epoch":
@@ -448,6 +447,16 @@ class RunDir:
             self.trackers.log_epoch(record)
         if self.on_epoch is not None:
             self.on_epoch(record)
+
+    def plot(self) -> None:
+        """Draw the plots from metrics.jsonl now (rank 0)."""
+        if not self.main:
+            return
+        start = time.perf_counter()
+        with self._guard(self.path / "plots"):
+            plot_run(self.path)
+        self._plotted_at = time.perf_counter()
+        self._plot_seconds = self._plotted_at - start
 
     def flush(self) -> None:
         """Write the checkpoints kept in memory since the last write: best.pt, then last.pt (a run that stops
@@ -470,8 +479,7 @@ class RunDir:
             writer, self.writer = self.writer, None
             writer.close()
         if plot:
-            with self._guard(self.path / "plots"):
-                plot_run(self.path)
+            self.plot()
         self.write_config(cfg)
         path = self.path / "summary.json"
         with self._guard(path):
@@ -496,8 +504,8 @@ class RunDir:
 def checkpoint_due(
     every_epochs: int | None, every_seconds: float | None, epochs_since: int, seconds_since: float
 ) -> bool:
-    """Whether last.pt is due after an epoch: `every_epochs` epochs or `every_seconds` seconds have passed
-    since the previous write (whichever comes first; None turns a rule off)."""
+    """Whether last.pt (or an evaluation) is due after an epoch: `every_epochs` epochs or `every_seconds`
+    seconds have passed since the previous one (whichever comes first; None turns a rule off)."""
     by_epochs = every_epochs is not None and epochs_since >= every_epochs
     return by_epochs or (every_seconds is not None and seconds_since >= every_seconds)
 
@@ -506,6 +514,8 @@ def format_epoch(record: dict[str, Any], splits: list[str], epochs: int) -> str:
     """The one line printed after an epoch."""
     parts = [f"epoch {record['epoch']}/{epochs}", f"train loss {record['train_loss']:.4f}"]
     for split in splits:
+        if f"{split}_top1" not in record:  # not evaluated after this epoch (`evaluation.every_*`)
+            continue
         parts.append(
             f"{split} loss {record[f'{split}_loss']:.4f} top-1 {100 * record[f'{split}_top1']:.2f}% "
             f"top-5 {100 * record[f'{split}_top5']:.2f}%"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,14 +103,83 @@ def barrier(dist: DistContext) -> None:
         tdist.barrier()
 
 
+def compile_static(fn: Any, mode: str = "default") -> Any:
+    """`torch.compile(fn)` with static shapes, the way every compiled path of a run is compiled.
+
+    Static shapes: one graph per input shape (a run meets one for training and one for evaluation, whose last
+    batch is padded); dynamic-shape graphs of the windowed attention failed to run under inductor (torch
+    2.11, H100: `NameError: name 's27' is not defined`).
+
+    Args:
+        fn: a module or a function.
+        mode: torch.compile's mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune',
+            'max-autotune-no-cudagraphs'.
+    """
+    return torch.compile(fn, dynamic=False, mode=mode)
+
+
+def _evaluation_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward pass of evaluation. A function of its own, so that torch.compile keeps the evaluation graph
+    under its own code object: the training graph stays the one entry of the model's `forward`, and switching
+    between training and evaluation never recompiles (nor hits the recompile limit)."""
+    return model(x)
+
+
+class EvalModel(nn.Module):
+    """A model as evaluation calls it: through one compiled evaluation function (`compile_static` of
+    `_evaluation_forward`), or directly when `forward_fn` is None.
+
+    Args:
+        module: the plain model (its `eval()` and parameters are this module's).
+        forward_fn: the compiled evaluation function, or None.
+    """
+
+    def __init__(self, module: nn.Module, forward_fn: Any = None) -> None:
+        super().__init__()
+        self.module = module
+        self.forward_fn = forward_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, K) logits of the wrapped model."""
+        if self.forward_fn is None:
+            return self.module(x)
+        return self.forward_fn(self.module, x)
+
+
+@contextlib.contextmanager
+def weights_of(model: nn.Module, source: nn.Module | None) -> Iterator[None]:
+    """Within the block, `model`'s parameters hold those of `source` (a copy of the same architecture, e.g.
+    the EMA's), copied in place: graphs compiled for `model`, CUDA graphs included, evaluate `source`'s
+    weights without a graph of their own. They are put back bit for bit on leaving (on an error too).
+    `source` None: nothing changes.
+    """
+    if source is None:
+        yield
+        return
+    params = [p.detach() for p in model.parameters()]
+    saved = [p.clone() for p in params]
+    with torch.no_grad():
+        torch._foreach_copy_(params, [p.detach() for p in source.parameters()])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+
+
 def wrap_model(
     model: nn.Module, compile_model: bool, dist: DistContext, device: torch.device, mode: str = "default"
 ) -> tuple[nn.Module, nn.Module]:
     """The model to train (DDP with several processes, compiled if asked) and the one to evaluate.
 
+    Compiled, a run holds two graphs: the training forward (`model.forward`, DDP's with several processes)
+    and the evaluation forward (`EvalModel`: a function of its own, so neither is a recompile of the other).
+    A `SwinTransformer` builds the plans of its input size before this (`SwinTransformer.prepare`), so both
+    are traced whole: no graph break, no host read.
+
     Args:
-        model: the plain module.
-        compile_model: `torch.compile` it (static shapes).
+        model: the plain module, on `device`.
+        compile_model: `torch.compile` both (static shapes, `compile_static`).
         dist, device: DDP wraps the model when there are several processes.
         mode: torch.compile's mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune',
             'max-autotune-no-cudagraphs'.
@@ -119,33 +189,31 @@ def wrap_model(
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if not compile_model:
-        return train_model, model
-    # static shapes: one graph per batch shape (train, eval, a last partial eval batch); dynamic-shape
-    # graphs of the windowed attention failed to run under inductor (torch 2.11, H100)
-    train_model = torch.compile(train_model, dynamic=False, mode=mode)
-    if dist.world_size == 1:
-        return train_model, train_model
-    return train_model, torch.compile(model, dynamic=False, mode=mode)
+        return train_model, EvalModel(model)
+    return compile_static(train_model, mode), EvalModel(model, compile_static(_evaluation_forward, mode))
 
 
 class StopSignals:
     """Within a `with` block, SIGINT and SIGTERM ask the training to stop instead of killing it mid-write.
 
     The first signal only records itself (`received`); the loop asks after each step and stops between two
-    steps, so no file is left half-written. A second one raises KeyboardInterrupt at once. Handlers are
-    installed only in the main thread and only when `enabled` (with several processes every rank would
-    stop at a different step, so there the signals keep their default action).
+    steps, so no file is left half-written. A second one raises KeyboardInterrupt at once, and so does the
+    first when `immediate` (work that writes nothing, such as compiling: stopping at once loses nothing).
+    Handlers are installed only in the main thread and only when `enabled` (with several processes every
+    rank would stop at a different step, so there the signals keep their default action).
     """
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, immediate: bool = False) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.immediate = immediate
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.received is not None:
+        first = self.received is None
+        self.received = self.received or signum
+        if self.immediate or not first:
             raise KeyboardInterrupt
-        self.received = signum
 
     def __enter__(self) -> StopSignals:
         if self.enabled:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,7 @@ from tinyswin.runtime import (
     barrier,
     resolve_device,
     resolve_precision,
+    weights_of,
     wrap_model,
 )
 
@@ -116,23 +119,34 @@ class Run:
         """The config as it stands (the planned schedule)."""
         return dataclasses.replace(self.cfg, schedule=self.schedule)
 
-    def evaluate(self, net: nn.Module, split: str) -> EvalResult:
-        """`net` (the model or the EMA's) on one split."""
-        return evaluate(
-            net,
-            iter(self.eval_loaders[split]),
-            self.normalize,
-            num_classes=self.cache.num_classes,
-            label_smoothing=self.cfg.label_smoothing,
-            amp_dtype=self.amp_dtype,
-            dist=self.dist,
-            tta=self.cfg.tta,
-        )
+    def evaluate(self, split: str, ema: bool = False) -> EvalResult:
+        """The model (or, with `ema`, the EMA's weights swapped into it: the same compiled graph) on one
+        split."""
+        with weights_of(self.model, self.ema.module if ema and self.ema is not None else None):
+            return evaluate(
+                self.eval_model,
+                iter(self.eval_loaders[split]),
+                self.normalize,
+                num_classes=self.cache.num_classes,
+                label_smoothing=self.cfg.label_smoothing,
+                amp_dtype=self.amp_dtype,
+                dist=self.dist,
+                tta=self.cfg.tta,
+            )
+
+    def evaluation_due(self) -> bool:
+        """After an epoch (`state.epoch` counted): whether `cfg.evaluation`'s interval has passed since the
+        previous evaluation (the run's start when there was none)."""
+        every, key = self.cfg.evaluation, f"{self.splits[0]}_top1"
+        previous = next((r for r in reversed(self.state.history) if key in r), {"epoch": 0, "elapsed": 0.0})
+        seconds = time.perf_counter() - self.clock_start - previous["elapsed"]
+        epochs = self.state.epoch - previous["epoch"]
+        return checkpoint_due(every.every_epochs, every.every_seconds, epochs, seconds)
 
     def measure_eval(self) -> float:
-        """Seconds one evaluation of an epoch (all splits, raw and EMA weights) takes, from warm batches."""
+        """Seconds one evaluation (all splits, raw and EMA weights) takes, from warm batches."""
 
-        def run_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        def run_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> None:  # the EMA's pass: the same graph
             num_classes = self.cache.num_classes
             evaluate(
                 self.eval_model,
@@ -363,11 +377,8 @@ def _evaluate_splits(run: Run, record: dict[str, Any]) -> dict[str, EvalResult]:
     """Evaluate every split (and the EMA weights on it) into `record`; returns the raw weights' results."""
     results = {}
     for split in run.splits:
-        nets = {"": run.eval_model, "ema_": run.ema.module if run.ema is not None else None}
-        for prefix, net in nets.items():
-            if net is None:
-                continue
-            result = run.evaluate(net, split)
+        for prefix in ("", "ema_") if run.ema is not None else ("",):
+            result = run.evaluate(split, ema=prefix == "ema_")
             results.setdefault(split, result)
             record |= {
                 f"{prefix}{split}_loss": result.loss,
@@ -394,8 +405,9 @@ def _check_interrupt(signals: StopSignals, state: LoopState) -> None:
 
 def run_epoch(
     run: Run, rundir: RunDir, budget: TimeBudget | None, signals: StopSignals, progress: bool, say: LogFn
-) -> dict[str, EvalResult]:
-    """Train one epoch, evaluate, follow the time budget, write the epoch's files; returns the results.
+) -> dict[str, EvalResult] | None:
+    """Train one epoch, evaluate (when `cfg.evaluation` says, and always after the last epoch), follow the
+    time budget, write the epoch's files; returns the evaluation's results (None: not evaluated).
 
     Raises:
         Interrupted: a signal came during the epoch's steps; the epoch is abandoned, nothing is written.
@@ -419,34 +431,39 @@ def run_epoch(
             bar.close()
     _check_interrupt(signals, state)
     record = _epoch_record(run, epoch, mix, stats)
-    results = _evaluate_splits(run, record)
+    record |= {"images_per_s": stats.images_per_s, "train_seconds": stats.seconds}
+    record["nonfinite"] = stats.nonfinite
     state.epoch += 1
-    improved = record[f"{run.splits[0]}_top1"] > state.best_top1
-    if improved:
-        state.best_top1, state.best_epoch = record[f"{run.splits[0]}_top1"], state.epoch
-    seconds = time.perf_counter() - start
-    state.train_seconds = time.perf_counter() - run.clock_start
-    record |= {
-        "images_per_s": stats.images_per_s,
-        "train_seconds": stats.seconds,
-        "nonfinite": stats.nonfinite,
-    }
-    record |= {"seconds": seconds, "elapsed": state.train_seconds}
+    last = state.epoch >= schedule.epochs or stats.steps < run.iters_per_epoch  # the run's last epoch
+    results = _evaluate_splits(run, record) if last or run.evaluation_due() else None
+    _clock_epoch(run, record, start)
     state.history.append(record)
     if budget is not None:
-        run.schedule = budget.after_epoch(run.schedule, stats.steps, seconds) or run.schedule
+        run.schedule = budget.after_epoch(run.schedule, stats.steps, record["seconds"]) or run.schedule
+        if results is None and state.epoch >= run.schedule.epochs:  # the budget's replan ends the run here
+            results = _evaluate_splits(run, record)
+            _clock_epoch(run, record, start)
         rundir.write_config(expand(run.config(), run.cache.num_classes, run.cache.image_size))
+    improved = results is not None and record[f"{run.splits[0]}_top1"] > state.best_top1
+    if improved:
+        state.best_top1, state.best_epoch = record[f"{run.splits[0]}_top1"], state.epoch
     now = time.perf_counter()
     every = run.cfg.checkpoint
     due = state.epoch >= run.schedule.epochs or checkpoint_due(
         every.every_epochs, every.every_seconds, state.epoch - run.written_epoch, now - run.written_at
     )
-    rundir.end_epoch(record, improved, run.checkpoint, due)
+    rundir.end_epoch(record, improved, run.checkpoint, due, plot=run.cfg.plots == "epoch")
     if due:
         run.written_epoch, run.written_at = state.epoch, now
     say(format_epoch(record, run.splits, run.schedule.epochs))
     barrier(run.dist)
     return results
+
+
+def _clock_epoch(run: Run, record: dict[str, Any], start: float) -> None:
+    """The epoch's wall seconds (steps and evaluation) and the run's clock, into `record` and the state."""
+    run.state.train_seconds = time.perf_counter() - run.clock_start
+    record |= {"seconds": time.perf_counter() - start, "elapsed": run.state.train_seconds}
 
 
 def train(
@@ -505,7 +522,7 @@ def _train_epochs(
     """The epochs of a run that is set up, then its summary; SIGINT/SIGTERM stop it between two steps."""
     cfg, dist = run.cfg, run.dist
     if cfg.warmup_steps and run.state.epoch < run.schedule.epochs:
-        seconds = run.warm_up()
+        seconds = _warm_up(run)
         run.warmup_seconds = seconds
         run.state.compile_seconds += seconds
         run.clock_start += seconds  # the clock leaves the warm-up out
@@ -530,7 +547,7 @@ def _train_epochs(
         say(f"resuming after epoch {run.state.epoch} (step {run.state.step})")
     if resumed and run.state.epoch >= run.schedule.epochs:
         say(f"the run in {rundir.path} is finished ({run.state.epoch} epochs): nothing to train or write")
-        results = {split: run.evaluate(run.eval_model, split) for split in run.splits}
+        results = {split: run.evaluate(split) for split in run.splits}
         names = run.cache.class_names
         return summarize(run.schedule.epochs, run.state, run.splits, results, names, rundir.path, resumed_at)
     rundir.start(expand(run.config(), run.cache.num_classes, run.cache.image_size), run.state.history)
@@ -540,9 +557,11 @@ def _train_epochs(
         try:
             while run.state.epoch < run.schedule.epochs:
                 _check_interrupt(signals, run.state)
-                results = run_epoch(run, rundir, budget, signals, progress, say)
+                results = run_epoch(run, rundir, budget, signals, progress, say) or results
         except (Interrupted, TrainingError):
             rundir.flush()  # the finished epochs not written yet (checkpoint.every_*) go to last.pt
+            if cfg.plots == "end" and run.state.history:
+                rundir.plot()
             raise
     state, cache = run.state, run.cache
     summary = summarize(
@@ -552,6 +571,32 @@ def _train_epochs(
         expand(run.config(), cache.num_classes, cache.image_size), summary, plot=bool(state.history)
     )
     return summary
+
+
+def _warm_up(run: Run) -> float:
+    """`run.warm_up()`, which a signal stops at once: it compiles and writes nothing (the inductor cache
+    writes each entry whole), so a run stopped while compiling leaves its directory as it was.
+
+    Raises:
+        Interrupted: SIGINT or SIGTERM came; the message says what to do.
+    """
+    signum = None
+    signals = StopSignals(enabled=run.dist.world_size == 1, immediate=True)
+    with warnings.catch_warnings(record=True) as caught, signals:
+        try:
+            seconds = run.warm_up()
+        except KeyboardInterrupt:
+            signum = signals.received or signal.SIGINT
+    if signum is None:
+        for w in caught:  # held back: a stopped compilation's are dropped (autograd's trace of the stop)
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        return seconds
+    raise Interrupted(
+        f"stopped while compiling and warming up, before epoch {run.state.epoch + 1}: nothing was written "
+        "(the run directory is as it was); run it again with --resume (kernels already compiled are read "
+        "back from the inductor cache, TORCHINDUCTOR_CACHE_DIR)",
+        signum,
+    )
 
 
 def _announce(run: Run, rundir: RunDir, say: LogFn) -> None:
