@@ -47,7 +47,7 @@ def _sha(path: Path) -> str:
 # the presets
 
 
-@pytest.mark.parametrize(("preset", "classes"), [("fast", 10), ("speedrun", 200)])
+@pytest.mark.parametrize(("preset", "classes"), [("fast", 10), ("speedrun", 200), ("laptop", 200)])
 def test_windows_tile_every_stage_grid_without_padding(preset: str, classes: int) -> None:
     """The recipes' windows are matched to the stage resolutions: each tiles its token grid exactly."""
     model_config = build_model_config(load_config(preset), classes, 64)
@@ -75,6 +75,30 @@ def test_fast_trains_and_tests_at_32px_from_a_64px_cache(one_thread: None) -> No
     model = SwinTransformer(model_config).eval()
     with torch.no_grad():
         assert model(x_eval).shape == (3, 10)
+
+
+def test_laptop_has_its_budget_and_attends_over_whole_maps_at_32px() -> None:
+    """`laptop`: the 30-minute budget built in, 32px from a 64px cache, windows equal to every stage's grid
+    (global attention: no shifted block, no mask, no token reordering), LSA, the test-time flip."""
+    cfg = load_config("laptop")
+    assert cfg.time_budget == 1800 and cfg.tta == "flip" and cfg.precision == "auto"
+    assert cfg.batch_size == 128 and cfg.peak_lr() == pytest.approx(2e-3)
+    assert not cfg.ema.enabled and not cfg.compile
+    model_config = build_model_config(cfg, 200, 64)
+    assert (model_config.img_size, model_config.patch_size, model_config.lsa) == (32, 4, True)
+    model = SwinTransformer(model_config)
+    grids = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            plan = block.plan((32 // 4 // 2 ** len(grids), 32 // 4 // 2 ** len(grids)), torch.device("cpu"))
+            assert plan.mask is None and plan.order is None, "a shifted window on a map its window covers"
+            assert block.attn.table_window == plan.geometry.window
+        grids.append(block.attn.table_window)
+    assert grids == [(8, 8), (4, 4), (2, 2)]
+    aug = build_augment_config(cfg)
+    assert (aug.crop, aug.randaug_ops, aug.mixup_p, aug.cutmix_p, aug.erase_p) == ("rrc", 0, 0.0, 0.0, 0.0)
+    # the budget is the preset's unless the command line gives another
+    assert load_config("laptop", overrides=["time_budget=600"]).time_budget == 600
 
 
 def test_speedrun_learning_rate_rule_and_ema() -> None:
