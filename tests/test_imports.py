@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-LEAVES = {"tinyswin.paths", "tinyswin.seeding", "tinyswin.version"}
+LEAVES = {"tinyswin.errors", "tinyswin.paths", "tinyswin.seeding", "tinyswin.version"}
 # the only imports allowed inside function bodies: optional dependencies and the CLI's per-command imports
 LAZY_ALLOWED = {("tinyswin.rundir", "torch.utils.tensorboard")}
 LAZY_MODULES = {"tinyswin.cli"}

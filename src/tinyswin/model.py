@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tinyswin.errors import FieldError
+
 IntPair = tuple[int, int]
 STEMS = ("patch", "conv", "spt")
 
@@ -35,13 +37,11 @@ def _pair(value: int | Sequence[int]) -> IntPair:
     return (int(value[0]), int(value[1]))
 
 
-class SwinConfigError(ValueError):
-    """A SwinConfig field refused: `field`, the `value` it had and the `reason` (the message is
-    "SwinConfig.<field>=<value>: <reason>"), so that a caller names the field without reading the message."""
+class SwinConfigError(FieldError):
+    """A SwinConfig field refused (`field`, `value`, `reason`); the message is "SwinConfig.<field>=<value>:
+    <reason>"."""
 
-    def __init__(self, field: str, value: object, reason: str) -> None:
-        super().__init__(f"SwinConfig.{field}={value!r}: {reason}")
-        self.field, self.value, self.reason = field, value, reason
+    template = "SwinConfig.{field}={value!r}: {reason}"
 
 
 @dataclass(frozen=True)
