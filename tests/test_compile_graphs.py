@@ -25,7 +25,8 @@ from tinyswin.config import build_augment_config, load_config
 from tinyswin.data import write_cache
 from tinyswin.engine import train_one_epoch
 from tinyswin.evaluate import evaluate
-from tinyswin.model import SwinTransformer, preset_config
+from tinyswin.model import SwinTransformer
+from tinyswin.model_presets import preset_config
 from tinyswin.plots import read_metrics
 from tinyswin.runtime import DistContext
 from tinyswin.train import Run, resume_config, setup_run, train

@@ -32,7 +32,8 @@ from tinyswin.data import load_cache, write_cache
 from tinyswin.data.augment import AugmentConfig
 from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
 from tinyswin.evaluate import LoadedModel, evaluate_checkpoint
-from tinyswin.model import SwinConfig, preset_config
+from tinyswin.model import SwinConfig
+from tinyswin.model_presets import preset_config
 from tinyswin.optim import WarmupCosine, schedule_lr
 from tinyswin.plots import read_metrics, schedule_curve
 from tinyswin.predict import load_images, predict
