@@ -47,10 +47,10 @@ from tinyswin.checkpoint import (
     remove_stale_temps,
 )
 from tinyswin.config import TrainConfig, to_dict, to_yaml
-from tinyswin.engine import LoopState
 from tinyswin.errors import RunDirError, disk_full_cause, disk_full_error, disk_full_reason
 from tinyswin.evaluate import EvalResult
 from tinyswin.plots import plot_run
+from tinyswin.runstate import LoopState
 from tinyswin.trackers import STATE_FILE, Trackers
 
 LogFn = Callable[[str], None]
