@@ -42,9 +42,8 @@ import yaml
 
 from tinyswin.coerce import convert, describe
 from tinyswin.data.augment import AugmentConfig, augment_preset, augment_preset_names
-from tinyswin.data.augment_config import AugmentConfigError
-from tinyswin.errors import ConfigError
-from tinyswin.model import SwinConfig, SwinConfigError
+from tinyswin.errors import AugmentConfigError, ConfigError, SwinConfigError
+from tinyswin.model import SwinConfig
 from tinyswin.model_presets import preset_config, preset_names
 from tinyswin.ranges import RANGES, one_of
 

@@ -46,6 +46,18 @@ class FieldError(ValueError):
         self.field, self.value, self.reason = field, value, reason
 
 
+class SwinConfigError(FieldError):
+    """A `model.SwinConfig` field refused; the message is "SwinConfig.<field>=<value>: <reason>"."""
+
+    template = "SwinConfig.{field}={value!r}: {reason}"
+
+
+class AugmentConfigError(FieldError):
+    """A `data.AugmentConfig` field refused; the message is "augment config: <field> <reason>"."""
+
+    template = "augment config: {field} {reason}"
+
+
 class RunDirError(TinyswinError, ValueError):
     """A run directory that cannot be used as asked: another training holds it, it is not a run, it holds a
     run already, or there is nothing to resume."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyswin.errors import FieldError
+from tinyswin.errors import SwinConfigError
 from tinyswin.layers import (
     ATTENTION_BACKENDS,
     STEMS,
@@ -43,13 +43,6 @@ def _pair(value: int | Sequence[int]) -> IntPair:
     if isinstance(value, int):
         return (value, value)
     return (int(value[0]), int(value[1]))
-
-
-class SwinConfigError(FieldError):
-    """A SwinConfig field refused (`field`, `value`, `reason`); the message is "SwinConfig.<field>=<value>:
-    <reason>"."""
-
-    template = "SwinConfig.{field}={value!r}: {reason}"
 
 
 @dataclass(frozen=True)

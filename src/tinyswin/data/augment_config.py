@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from tinyswin.errors import FieldError
+from tinyswin.errors import AugmentConfigError
 
 __all__ = ["AugmentConfig", "AugmentConfigError", "augment_preset", "augment_preset_names"]
 
@@ -18,13 +18,6 @@ _CROPS = ("rrc", "pad", "none")
 _INTERPOLATIONS = ("bilinear", "bicubic")
 _RA_INTERPOLATIONS = ("nearest", "bilinear")
 _MIX_SELECT = ("sequential", "exclusive")
-
-
-class AugmentConfigError(FieldError):
-    """An AugmentConfig field refused (`field`, `value`, `reason`); the message is "augment config: <field>
-    <reason>"."""
-
-    template = "augment config: {field} {reason}"
 
 
 @dataclass(frozen=True)
