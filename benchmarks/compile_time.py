@@ -86,11 +86,7 @@ def measure(run: Run, steps: int) -> dict[str, float]:
     out["compile"] = out["warm_up"] - out["again"]
 
     def one_step() -> None:
-        train_one_epoch(
-            run.train_model, run.loader, run.augment, run.optimizer, run.scheduler, run.scaler, run.state,
-            cfg=run.cfg, epoch=0, mix=True, device=run.device, amp_dtype=run.amp_dtype, ema=run.ema,
-            max_steps=1,
-        )  # fmt: skip
+        train_one_epoch(run, mix=True, max_steps=1)  # epoch 0: run.state.epoch of a new run
 
     batch = next(iter(run.eval_loaders["val"]))
 

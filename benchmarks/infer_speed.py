@@ -38,7 +38,8 @@ from tinyswin.export import model_info, onnx_bytes, ort_logits, ort_session, qua
 from tinyswin.exported import ModelInfo
 from tinyswin.extras import require
 from tinyswin.interop import to_timm
-from tinyswin.model import SwinTransformer, preset_config
+from tinyswin.model import SwinTransformer
+from tinyswin.model_presets import preset_config
 from tinyswin.predict import preprocess
 from tinyswin.version import __version__
 

@@ -25,7 +25,8 @@ from tinyswin.config import build_augment_config, load_config
 from tinyswin.data import write_cache
 from tinyswin.engine import train_one_epoch
 from tinyswin.evaluate import evaluate
-from tinyswin.model import SwinTransformer, preset_config
+from tinyswin.model import SwinTransformer
+from tinyswin.model_presets import preset_config
 from tinyswin.plots import read_metrics
 from tinyswin.runtime import DistContext
 from tinyswin.train import Run, resume_config, setup_run, train
@@ -91,10 +92,7 @@ def compiled_run(cache64: Path) -> Iterator[tuple[Run, CompileCounter]]:
 
 def _train_epoch(run: Run, sync_every: int | None = None) -> None:
     cfg = run.cfg if sync_every is None else dataclasses.replace(run.cfg, sync_every=sync_every)
-    train_one_epoch(
-        run.train_model, run.loader, run.augment, run.optimizer, run.scheduler, run.scaler, run.state,
-        cfg=cfg, epoch=run.state.epoch, mix=True, device=run.device, amp_dtype=run.amp_dtype, ema=run.ema,
-    )  # fmt: skip
+    train_one_epoch(dataclasses.replace(run, cfg=cfg), mix=True)  # the same objects, the config changed
     run.state.epoch += 1
 
 

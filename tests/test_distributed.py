@@ -200,7 +200,8 @@ def test_two_processes_train_exactly_like_one(runs: dict[str, Path]) -> None:
     assert _max_diff(w1, w2) <= WEIGHT_ATOL
     # the comparison has teeth: training moved the weights far more than the tolerance
     torch.manual_seed(0)
-    from tinyswin.model import SwinTransformer, preset_config
+    from tinyswin.model import SwinTransformer
+    from tinyswin.model_presets import preset_config
 
     cfg = torch.load(runs["one"] / "last.pt", map_location="cpu", weights_only=True)["model_config"]
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}

@@ -13,8 +13,9 @@ import yaml
 from test_train import make_tiny_cache
 from tinyswin.config import TrainConfig, load_config, to_yaml
 from tinyswin.data import BatchLoader, load_cache
-from tinyswin.engine import LoopState, TrainingError, ema_update, masked_step, train_one_epoch
+from tinyswin.engine import TrainingError, ema_update, masked_step, train_one_epoch
 from tinyswin.optim import WarmupCosine
+from tinyswin.runstate import LoopState, RunState
 from tinyswin.runtime import DistContext, wrap_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,8 +66,9 @@ def _epoch(cache: Path, bad: set[int], *, sync_every: int, fused: bool, max_nonf
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     try:
         cpu = torch.device("cpu")
-        out = train_one_epoch(model, loader, _to_float, opt, sched, scaler, state, cfg=cfg, epoch=0,
-                              mix=False, device=cpu, amp_dtype=None, ema=ema)  # fmt: skip
+        run = RunState(cfg=cfg, train_model=model, loader=loader, augment=_to_float, optimizer=opt,
+                       scheduler=sched, scaler=scaler, device=cpu, ema=ema, state=state)  # fmt: skip
+        out = train_one_epoch(run, mix=False)
     except TrainingError as exc:
         out = exc
     return model, opt, ema, state, out

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from tinyswin.evaluate import evaluate
-from tinyswin.model import SwinTransformer, preset_config
+from tinyswin.model import SwinTransformer
+from tinyswin.model_presets import preset_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

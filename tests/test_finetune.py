@@ -20,7 +20,8 @@ from tinyswin.data import write_cache
 from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
 from tinyswin.export import export
 from tinyswin.interop import resize_relative_position_table
-from tinyswin.model import SwinTransformer, preset_config
+from tinyswin.model import SwinTransformer
+from tinyswin.model_presets import preset_config
 from tinyswin.optim import WarmupCosine, build_adamw
 from tinyswin.pretrained import fit_window, fit_windows, read_init
 from tinyswin.runtime import DistContext

@@ -14,14 +14,8 @@ from exportkit import random_model, tiny_checkpoint, tiny_config
 from tinyswin.config import build_model_config, load_config
 from tinyswin.errors import ConfigError, TinyswinError
 from tinyswin.interop import from_timm, to_timm
-from tinyswin.model import (
-    ShiftedPatchEmbed,
-    SwinConfig,
-    SwinTransformer,
-    WindowAttention,
-    relative_position_index,
-    window_attention,
-)
+from tinyswin.layers import ShiftedPatchEmbed, window_attention
+from tinyswin.model import SwinConfig, SwinTransformer, WindowAttention, relative_position_index
 from tinyswin.optim import build_adamw
 from tinyswin.pretrained import init_config, read_init
 

@@ -8,27 +8,21 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tinyswin.info import count_flops, describe_presets
+from tinyswin.layers import _AddRows, add_residual, drop_path, permute_tokens, window_attention
 from tinyswin.model import (
     SwinBlock,
     SwinConfig,
     SwinTransformer,
     WindowGeometry,
-    _AddRows,
-    add_residual,
     block_geometry,
-    count_flops,
-    describe_presets,
-    drop_path,
-    permute_tokens,
-    preset_config,
-    preset_names,
     relative_position_index,
-    window_attention,
     window_mask,
     window_partition,
     window_reverse,
     window_token_order,
 )
+from tinyswin.model_presets import preset_config, preset_names
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from tinyswin.model import SwinTransformer, preset_config
+from tinyswin.model import SwinTransformer
+from tinyswin.model_presets import preset_config
 from tinyswin.optim import WarmupCosine, build_adamw, param_groups, schedule_lr
 
 

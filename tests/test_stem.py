@@ -23,8 +23,11 @@ from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
 from tinyswin.errors import ConfigError, TinyswinError
 from tinyswin.evaluate import LoadedModel
 from tinyswin.export import ort_logits, ort_session
+from tinyswin.info import conv_stem_cost
 from tinyswin.interop import from_timm, to_timm
-from tinyswin.model import ConvStem, PatchEmbed, SwinConfig, SwinTransformer, conv_stem_cost, preset_config
+from tinyswin.layers import ConvStem, PatchEmbed
+from tinyswin.model import SwinConfig, SwinTransformer
+from tinyswin.model_presets import preset_config
 from tinyswin.optim import build_adamw
 from tinyswin.pretrained import init_config, read_init
 from tinyswin.train import train

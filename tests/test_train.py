@@ -32,13 +32,15 @@ from tinyswin.data import load_cache, write_cache
 from tinyswin.data.augment import AugmentConfig
 from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
 from tinyswin.evaluate import LoadedModel, evaluate_checkpoint
-from tinyswin.model import SwinConfig, preset_config
+from tinyswin.model import SwinConfig
+from tinyswin.model_presets import preset_config
 from tinyswin.optim import WarmupCosine, schedule_lr
 from tinyswin.plots import read_metrics, schedule_curve
 from tinyswin.predict import load_images, predict
 from tinyswin.train import (
     DistContext,
     LoopState,
+    RunState,
     TrainingError,
     build_model_config,
     train,
@@ -318,8 +320,9 @@ def _one_epoch(tiny_cache: Path, model: _Flat, cfg: TrainConfig, state: LoopStat
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = WarmupCosine(opt, 1e-2, iters_per_epoch=len(loader), epochs=1, warmup_epochs=0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return train_one_epoch(model, loader, augment, opt, sched, scaler, state, cfg=cfg, epoch=0, mix=False,
-                           device=torch.device("cpu"), amp_dtype=None)  # fmt: skip
+    run = RunState(cfg=cfg, train_model=model, loader=loader, augment=augment, optimizer=opt, scheduler=sched,
+                   scaler=scaler, device=torch.device("cpu"), state=state)  # fmt: skip
+    return train_one_epoch(run, mix=False)
 
 
 def test_nonfinite_losses_are_skipped_and_counted(tiny_cache: Path) -> None:
@@ -370,20 +373,9 @@ def test_accumulation_matches_one_big_batch(tiny_cache: Path) -> None:
         state = LoopState()
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         cpu = torch.device("cpu")
-        stats = train_one_epoch(
-            model,
-            loader,
-            augment,
-            opt,
-            sched,
-            scaler,
-            state,
-            cfg=cfg,
-            epoch=0,
-            mix=False,
-            device=cpu,
-            amp_dtype=None,
-        )
+        run = RunState(cfg=cfg, train_model=model, loader=loader, augment=augment, optimizer=opt,
+                       scheduler=sched, scaler=scaler, device=cpu, state=state)  # fmt: skip
+        stats = train_one_epoch(run, mix=False)
         assert stats.steps == state.step == 12 and stats.images == 192
         finals.append((model.state_dict(), stats.loss))
     (a, loss_a), (b, loss_b) = finals

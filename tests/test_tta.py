@@ -16,7 +16,8 @@ from tinyswin.data import write_cache
 from tinyswin.data.synthetic import CLASS_NAMES, synthetic_splits
 from tinyswin.errors import ConfigError
 from tinyswin.evaluate import evaluate, evaluate_checkpoint
-from tinyswin.model import SwinTransformer, preset_config
+from tinyswin.model import SwinTransformer
+from tinyswin.model_presets import preset_config
 from tinyswin.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

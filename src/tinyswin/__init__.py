@@ -11,8 +11,8 @@ from tinyswin.version import __version__
 _EXPORTS = {
     "SwinConfig": "tinyswin.model",
     "SwinTransformer": "tinyswin.model",
-    "preset_config": "tinyswin.model",
-    "preset_names": "tinyswin.model",
+    "preset_config": "tinyswin.model_presets",
+    "preset_names": "tinyswin.model_presets",
     "from_timm": "tinyswin.interop",
     "to_timm": "tinyswin.interop",
     "load_pretrained": "tinyswin.exported",

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from tinyswin.config import EvaluationConfig, ScheduleConfig, TrainConfig
-from tinyswin.engine import LoopState
 from tinyswin.optim import WarmupCosine
+from tinyswin.runstate import LoopState
 from tinyswin.runtime import DistContext, broadcast_from_rank0
 
 LogFn = Callable[[str], None]

@@ -159,6 +159,16 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], Any]) -> P
     return path
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (temporary file, fsync, rename): readers see the old or the new file.
+
+    Raises:
+        DiskFullError: the disk ran out; `path` is as it was and no temporary file is left.
+    """
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """`torch.save(obj)` to `path` through `atomic_write`: the old file or the new one, never half a file.
 

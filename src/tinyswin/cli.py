@@ -17,7 +17,7 @@ from tinyswin.version import __version__
 
 def cmd_info(args: argparse.Namespace) -> int:
     """List the model presets with their parameter counts and FLOPs per image."""
-    from tinyswin.model import describe_presets
+    from tinyswin.info import describe_presets
 
     print(describe_presets())
     return 0

@@ -42,15 +42,15 @@ import yaml
 
 from tinyswin.coerce import convert, describe
 from tinyswin.data.augment import AugmentConfig, augment_preset, augment_preset_names
-from tinyswin.data.augment_config import AugmentConfigError
-from tinyswin.errors import ConfigError
-from tinyswin.model import SwinConfig, SwinConfigError, preset_config, preset_names
+from tinyswin.errors import AugmentConfigError, ConfigError, SwinConfigError
+from tinyswin.model import SwinConfig
+from tinyswin.model_presets import preset_config, preset_names
 from tinyswin.ranges import RANGES, one_of
 
 
 @dataclass
 class ModelSection:
-    """Which model: a preset of `tinyswin.model` and overrides of its `SwinConfig` fields.
+    """Which model: a preset of `tinyswin.model_presets` and overrides of its `SwinConfig` fields.
 
     `num_classes` always follows the data; `img_size` follows the training resolution (the augmentation's
     output size, else the cache's image size) unless it is overridden here.

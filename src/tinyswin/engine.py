@@ -1,4 +1,4 @@
-"""One training epoch: the step loop over explicit state, its loss and its statistics.
+"""One training epoch: the step loop over a run's state (`runstate.RunState`), its loss and its statistics.
 
 Every epoch's randomness (data order, augmentation draws, drop path) is derived from (seed, epoch, rank)
 alone, so a run resumed after an epoch computes exactly what the uninterrupted run would.
@@ -15,20 +15,19 @@ non-finite losses came in a row, every later step is skipped too, and the next r
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyswin.checkpoint import clone_tree, rng_state, set_rng_state, unwrap
+from tinyswin.checkpoint import unwrap
 from tinyswin.config import TrainConfig
-from tinyswin.optim import WarmupCosine
-from tinyswin.runtime import DistContext, all_reduce_, autocast
+from tinyswin.runstate import LoopState, RunState
+from tinyswin.runtime import all_reduce_, autocast
 from tinyswin.seeding import AUGMENT_STREAM, TORCH_STREAM, derive_seed
 
 
@@ -50,22 +49,6 @@ class EpochStats:
     @property
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
-
-
-@dataclass
-class LoopState:
-    """The state the training loop carries between steps and epochs (all saved in checkpoints)."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken (skipped steps included)
-    best_top1: float = -1.0
-    best_epoch: int = 0
-    nonfinite_total: int = 0
-    nonfinite_run: int = 0  # in a row, up to now
-    train_seconds: float = 0.0
-    compile_seconds: float = 0.0  # compiling and warming up before the clock (all starts of the run)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    plan: dict[str, Any] | None = None  # the time budget's plan, see tinyswin.budget
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -119,8 +102,14 @@ class StepTally:
         self.last = [loss_sum, int(finite), int(nonfinite), int(run), int(peak)]
         return loss_sum, int(finite), int(nonfinite), int(run), int(peak)
 
+    def stats(self, steps: int, images: int, seconds: float, lr: float) -> EpochStats:
+        """The epoch's EpochStats from the last read."""
+        loss_sum, finite, nonfinite, _, _ = self.last
+        loss = loss_sum / finite if finite else float("nan")
+        return EpochStats(loss=loss, steps=steps, images=images, seconds=seconds, nonfinite=nonfinite, lr=lr)
 
-def _account(state: LoopState, tally: StepTally, step: int, cfg: TrainConfig, epoch: int, lr: float) -> None:
+
+def _account(state: LoopState, tally: StepTally, step: int, cfg: TrainConfig, lr: float) -> None:
     """Read the tally after optimizer step number `step` (1-based, of the run) into the loop state; raise
     once `cfg.max_nonfinite` non-finite losses came in a row."""
     nonfinite_before = tally.last[2]
@@ -131,50 +120,31 @@ def _account(state: LoopState, tally: StepTally, step: int, cfg: TrainConfig, ep
         state.nonfinite_run = max(run, cfg.max_nonfinite)
         raise TrainingError(
             f"the loss was not finite for {cfg.max_nonfinite} optimizer steps in a row (epoch "
-            f"{epoch + 1}, by step {step}, lr {lr:.3g}): lower optim.lr, set optim.grad_clip, "
+            f"{state.epoch + 1}, by step {step}, lr {lr:.3g}): lower optim.lr, set optim.grad_clip, "
             "or use precision=fp32; the last good checkpoint is last.pt"
         )
 
 
 def train_one_epoch(
-    model: nn.Module,
-    loader: Any,
-    augment: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: WarmupCosine,
-    scaler: torch.amp.GradScaler,
-    state: LoopState,
+    run: RunState,
     *,
-    cfg: TrainConfig,
-    epoch: int,
     mix: bool,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    ema: torch.optim.swa_utils.AveragedModel | None = None,
-    dist: DistContext | None = None,
     progress: Any = None,
     step_hook: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     max_steps: int | None = None,
 ) -> EpochStats:
-    """One pass over the training split (or its first `max_steps` optimizer steps).
+    """One pass over the training split (or its first `max_steps` optimizer steps): epoch `run.state.epoch`.
 
     Randomness comes only from (cfg.seed, epoch, rank): the loader's epoch permutation, a CPU generator for
-    the augmentation and the global torch seed (drop path). `state.step` and the non-finite counters advance.
-    The loss is read on the host every `cfg.sync_every` steps and after the last (see the module's notes).
+    the augmentation and the global torch seed (drop path). `state.step` and the non-finite counters advance;
+    the epoch count does not (the caller counts the epoch when it is done with it). The loss is read on the
+    host every `cfg.sync_every` steps and after the last (see the module's notes).
 
     Args:
-        model: the model to train (possibly DDP- and/or compile-wrapped).
-        loader: BatchLoader of the train split (per-rank micro-batches).
-        augment: Augment: (uint8 batch, labels, generator, mix) -> (float batch, targets).
-        optimizer, scheduler, scaler: stepped once per `cfg.accumulation` micro-batches.
-        state: the loop state (step, non-finite counters).
-        cfg: the run's config.
-        epoch: 0-based epoch index.
+        run: what the loop works on: model, batches, augmentation, optimizer, schedule, scaler, EMA, loop
+            state, config, device and precision, process context.
         mix: whether Mixup/CutMix may be applied this epoch.
-        device, amp_dtype: where and in which autocast dtype to compute.
-        ema: the weight average to update after each step, if any (decay `cfg.ema.decay`).
-        dist: process context (None: one process).
         progress: a tqdm bar, advanced at every read of the loss, or None.
         step_hook: called with the number of steps done in this epoch after each optimizer step.
         should_stop: asked after each optimizer step; True ends the epoch there (a time budget ran out).
@@ -184,69 +154,56 @@ def train_one_epoch(
         TrainingError: `cfg.max_nonfinite` non-finite losses in a row (read at most `sync_every - 1` steps
             after the step that reached it).
     """
-    dist = dist or DistContext()
-    model.train()
-    loader.set_epoch(epoch)
-    generator = torch.Generator()
-    generator.manual_seed(derive_seed(cfg.seed, AUGMENT_STREAM, epoch, dist.rank))
-    torch.manual_seed(derive_seed(cfg.seed, TORCH_STREAM, epoch, dist.rank))
-    batches = iter(loader)
-    first_step = state.step
-    tally = StepTally(device, state.nonfinite_run, cfg.max_nonfinite)
-    on_host = cfg.sync_every == 1 or scaler.is_enabled()  # fp16 loss scaling: GradScaler skips on the host
-    steps = len(loader) // cfg.accumulation if max_steps is None else max_steps
-    mark_step = cfg.compile and cfg.compile_mode == "reduce-overhead"
-    images = 0
-    start = time.perf_counter()
-    lr = scheduler.get_last_lr()
+    cfg, state, dist = run.cfg, run.state, run.dist
+    generator = _start_epoch(run)
+    batches = iter(run.loader)
+    tally = StepTally(run.device, state.nonfinite_run, cfg.max_nonfinite)
+    on_host = cfg.sync_every == 1 or run.scaler.is_enabled()  # fp16 loss scaling: the GradScaler skips there
+    steps = len(run.loader) // cfg.accumulation if max_steps is None else max_steps
+    first_step, images, start = state.step, 0, time.perf_counter()
+    lr = run.scheduler.get_last_lr()
     for done in range(1, steps + 1):
-        lr = scheduler.get_last_lr()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, n = _forward_backward(
-            model, batches, augment, generator, scaler, cfg, mix, device, amp_dtype, mark_step
-        )
+        lr = run.scheduler.get_last_lr()
+        run.optimizer.zero_grad(set_to_none=True)
+        step_loss, n = _forward_backward(run, batches, generator, mix)
         images += n * dist.world_size
         step_loss = all_reduce_(step_loss.double(), dist) / dist.world_size
         nonfinite = ~torch.isfinite(step_loss)
-        _apply_step(model, optimizer, scaler, ema, cfg, nonfinite | tally.stopped(), on_host)
+        _apply_step(run, nonfinite | tally.stopped(), on_host)
         tally.add(step_loss, nonfinite)
         if done % cfg.sync_every == 0 or done == steps:
-            _account(state, tally, first_step + done, cfg, epoch, lr)
+            _account(state, tally, first_step + done, cfg, lr)
             progress_update(progress, tally, lr, done, images, start)
-        scheduler.step()
+        run.scheduler.step()
         state.step += 1
         if step_hook is not None:
             step_hook(done)
         if should_stop is not None and should_stop():
             if tally.read_steps != first_step + done:
-                _account(state, tally, first_step + done, cfg, epoch, lr)
+                _account(state, tally, first_step + done, cfg, lr)
                 progress_update(progress, tally, lr, done, images, start)
             break
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    loss_sum, finite, nonfinite_steps, _, _ = tally.last
-    steps_done = state.step - first_step
-    return EpochStats(
-        loss=loss_sum / finite if finite else float("nan"),
-        steps=steps_done,
-        images=images,
-        seconds=time.perf_counter() - start,
-        nonfinite=nonfinite_steps,
-        lr=lr,
-    )
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return tally.stats(state.step - first_step, images, time.perf_counter() - start, lr)
 
 
-def _apply_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    ema: nn.Module | None,
-    cfg: TrainConfig,
-    skip: torch.Tensor,
-    on_host: bool,
-) -> None:
+def _start_epoch(run: RunState) -> torch.Generator:
+    """Training mode, and the epoch's randomness from (seed, epoch, rank): the loader's permutation, the
+    global torch seed (drop path); returns the augmentation's CPU generator."""
+    cfg, epoch, rank = run.cfg, run.state.epoch, run.dist.rank
+    run.train_model.train()
+    run.loader.set_epoch(epoch)
+    generator = torch.Generator()
+    generator.manual_seed(derive_seed(cfg.seed, AUGMENT_STREAM, epoch, rank))
+    torch.manual_seed(derive_seed(cfg.seed, TORCH_STREAM, epoch, rank))
+    return generator
+
+
+def _apply_step(run: RunState, skip: torch.Tensor, on_host: bool) -> None:
     """The optimizer step and the EMA update, skipped where `skip` (a 0-d bool on the device) is set: read on
     the host when `on_host`, else applied as a mask on the device with no host read."""
+    model, optimizer, scaler, ema, cfg = run.train_model, run.optimizer, run.scaler, run.ema, run.cfg
     if on_host:
         if not bool(skip):
             _optimizer_step(model, optimizer, scaler, cfg.optim.grad_clip)
@@ -260,32 +217,25 @@ def _apply_step(
 
 
 def _forward_backward(
-    model: nn.Module,
-    batches: Any,
-    augment: Any,
-    generator: torch.Generator,
-    scaler: torch.amp.GradScaler,
-    cfg: TrainConfig,
-    mix: bool,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    mark_step: bool,
+    run: RunState, batches: Any, generator: torch.Generator, mix: bool
 ) -> tuple[torch.Tensor, int]:
     """The `cfg.accumulation` micro-batches of one optimizer step, forward and backward; returns their mean
     loss (float (), on the device) and the number of images (this process)."""
+    model, cfg = run.train_model, run.cfg
     accum = cfg.accumulation
-    step_loss = torch.zeros((), device=device)
+    mark_step = cfg.compile and cfg.compile_mode == "reduce-overhead"
+    step_loss = torch.zeros((), device=run.device)
     images = 0
     for micro in range(accum):
         x_u8, labels = next(batches)
-        x, targets = augment(x_u8, labels, generator=generator, mix=mix)
+        x, targets = run.augment(x_u8, labels, generator=generator, mix=mix)
         sync = micro == accum - 1 or not hasattr(model, "no_sync")
         if mark_step:  # CUDA graphs: a new iteration begins (outputs of the previous replay may be reused)
             torch.compiler.cudagraph_mark_step_begin()
-        with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, amp_dtype):
+        with contextlib.nullcontext() if sync else model.no_sync(), autocast(run.device, run.amp_dtype):
             logits = model(x)
         loss = loss_fn(logits, targets, cfg.label_smoothing)
-        scaler.scale(loss / accum).backward()
+        run.scaler.scale(loss / accum).backward()
         step_loss += loss.detach() / accum
         images += labels.shape[0]
     return step_loss, images
@@ -375,40 +325,3 @@ def progress_update(progress: Any, tally: StepTally, lr: float, done: int, image
     loss = tally.last[0] / tally.last[1] if tally.last[1] else float("nan")
     seconds = time.perf_counter() - start
     progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images / seconds:.0f}")
-
-
-def snapshot_training(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: WarmupCosine,
-    scaler: torch.amp.GradScaler,
-    ema: torch.optim.swa_utils.AveragedModel | None,
-    state: LoopState,
-) -> Callable[[], None]:
-    """Copy everything training changes (weights, optimizer, scheduler, scaler, EMA, loop state, global
-    random states); returns the function that puts it all back (a warm-up's steps are then undone).
-
-    Tensors are cloned on their devices; the restore copies into the live weights, so compiled graphs and
-    CUDA graphs keep pointing at the same parameters.
-    """
-    saved_model = clone_tree(unwrap(model).state_dict())
-    saved_optimizer = clone_tree(optimizer.state_dict())
-    saved_scheduler = copy.deepcopy({k: v for k, v in vars(scheduler).items() if k != "optimizer"})
-    saved_scaler = scaler.state_dict() if scaler.is_enabled() else None
-    saved_ema = clone_tree(ema.state_dict()) if ema is not None else None
-    saved_state = copy.deepcopy(vars(state))
-    saved_rng = clone_tree(rng_state())
-
-    def restore() -> None:
-        unwrap(model).load_state_dict(saved_model)
-        optimizer.load_state_dict(saved_optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        vars(scheduler).update(copy.deepcopy(saved_scheduler))
-        if saved_scaler is not None:
-            scaler.load_state_dict(saved_scaler)
-        if ema is not None and saved_ema is not None:
-            ema.load_state_dict(saved_ema)
-        vars(state).update(copy.deepcopy(saved_state))
-        set_rng_state(saved_rng)
-
-    return restore

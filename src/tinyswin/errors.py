@@ -33,6 +33,31 @@ class ConfigError(TinyswinError, ValueError):
     """A config key with a value outside its range, an unknown key, or a file that is not a config."""
 
 
+class FieldError(ValueError):
+    """A field of a config dataclass refused: `field`, the `value` it had and the `reason`, so that a caller
+    names the field without reading the message. Each config has its own subclass, whose `template` makes
+    the message from the three.
+    """
+
+    template = "{field}={value!r}: {reason}"
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        super().__init__(self.template.format(field=field, value=value, reason=reason))
+        self.field, self.value, self.reason = field, value, reason
+
+
+class SwinConfigError(FieldError):
+    """A `model.SwinConfig` field refused; the message is "SwinConfig.<field>=<value>: <reason>"."""
+
+    template = "SwinConfig.{field}={value!r}: {reason}"
+
+
+class AugmentConfigError(FieldError):
+    """A `data.AugmentConfig` field refused; the message is "augment config: <field> <reason>"."""
+
+    template = "augment config: {field} {reason}"
+
+
 class RunDirError(TinyswinError, ValueError):
     """A run directory that cannot be used as asked: another training holds it, it is not a run, it holds a
     run already, or there is nothing to resume."""

@@ -100,6 +100,14 @@ def from_timm(
     return model
 
 
+class WeightsMismatch(ValueError):
+    """Weights that do not fit the model: `problem` says how (the message is "from_timm: <problem>")."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"from_timm: {problem}")
+        self.problem = problem
+
+
 def tinyswin_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A timm, official Swin or tinyswin state dict with tinyswin's parameter names, derived buffers left out.
 
@@ -126,15 +134,16 @@ def map_state_dict(
         A full state dict for `model` (CPU tensors of the model's dtypes).
 
     Raises:
-        ValueError: one line naming the missing and unexpected keys, or a key whose shape does not fit.
+        WeightsMismatch: one line naming the missing and unexpected keys, or a key whose shape does not fit.
+        ValueError: a relative position table whose window cannot be told from its rows.
     """
     target = model.state_dict()
     renamed = {k: v for k, v in tinyswin_names(state).items() if k not in fresh}
     missing = sorted(set(target) - set(renamed) - set(fresh))
     unexpected = sorted(set(renamed) - set(target))
     if missing or unexpected:
-        raise ValueError(
-            f"from_timm: weights do not match the config: missing keys {missing or 'none'}; "
+        raise WeightsMismatch(
+            f"weights do not match the config: missing keys {missing or 'none'}; "
             f"unexpected keys {unexpected or 'none'}"
         )
     windows = {
@@ -146,16 +155,13 @@ def map_state_dict(
     for key, value in renamed.items():
         if key in windows and value.shape != target[key].shape and value.ndim == 2:
             if value.shape[1] != target[key].shape[1]:
-                raise ValueError(
-                    f"from_timm: {key} has {value.shape[1]} heads, the config {target[key].shape[1]}"
-                )
+                raise WeightsMismatch(f"{key} has {value.shape[1]} heads, the config {target[key].shape[1]}")
             value = resize_relative_position_table(
                 value, _source_window(value.shape[0], windows[key]), windows[key]
             )
         if value.shape != target[key].shape:
-            raise ValueError(
-                f"from_timm: {key} has shape {tuple(value.shape)}, "
-                f"the config needs {tuple(target[key].shape)}"
+            raise WeightsMismatch(
+                f"{key} has shape {tuple(value.shape)}, the config needs {tuple(target[key].shape)}"
             )
         loaded[key] = value.detach().to(dtype=target[key].dtype, device="cpu")
     return loaded

@@ -28,7 +28,7 @@ import torch
 from tinyswin.config import TrainConfig, merge, plain_data, train_resolution
 from tinyswin.errors import ConfigError, TinyswinError, one_line
 from tinyswin.extras import require
-from tinyswin.interop import map_state_dict, tinyswin_names
+from tinyswin.interop import WeightsMismatch, map_state_dict, tinyswin_names
 from tinyswin.model import SwinTransformer
 from tinyswin.modelpath import read_weights
 
@@ -251,8 +251,10 @@ def load_init(model: SwinTransformer, weights: InitWeights) -> None:
     """
     try:
         model.load_state_dict(map_state_dict(weights.state, model, fresh=HEAD_KEYS))
-    except ValueError as exc:
-        raise TinyswinError(f"init={weights.source}: {one_line(exc).removeprefix('from_timm: ')}") from None
+    except WeightsMismatch as exc:
+        raise TinyswinError(f"init={weights.source}: {exc.problem}") from None
+    except ValueError as exc:  # a relative position table whose window cannot be told
+        raise TinyswinError(f"init={weights.source}: {one_line(exc)}") from None
 
 
 def describe_init(weights: InitWeights, model_config: Any) -> str:

@@ -30,6 +30,7 @@ from tinyswin.evaluate import LoadedModel
 from tinyswin.metrics import calibration_bins, confusion_matrix, ece_from_bins, per_class_accuracy
 from tinyswin.plots import read_metrics
 from tinyswin.runtime import autocast
+from tinyswin.trackers import flatten
 
 LogFn = Callable[[str], None]
 PAIRS = 12  # most confused pairs shown
@@ -113,19 +114,6 @@ class RunReport:
     summary: dict[str, Any] | None
     analysis: Analysis | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def flat_config(data: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config mapping as {dotted key: value}."""
-    if not isinstance(data, dict):
-        return {}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out |= flat_config(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def top_pairs(confusion: np.ndarray, count: int = PAIRS) -> list[tuple[int, int, int]]:
@@ -235,7 +223,8 @@ def _read_run(path: Path) -> RunReport:
         raise FileNotFoundError(f"{path}: no metrics.jsonl: not a tinyswin run directory")
     config: dict[str, Any] = {}
     if (path / "config.yaml").is_file():
-        config = flat_config(yaml.safe_load((path / "config.yaml").read_text()))
+        data = yaml.safe_load((path / "config.yaml").read_text())
+        config = flatten(data) if isinstance(data, dict) else {}  # dotted keys, as the trackers log them
     summary = None
     if (path / "summary.json").is_file():
         summary = json.loads((path / "summary.json").read_text())

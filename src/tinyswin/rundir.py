@@ -13,9 +13,9 @@
     RUN_DIR/trackers.json   the runs of the experiment trackers (`log.wandb`, `log.mlflow`), for a resume
     RUN_DIR/.lock           the OS file lock of the training that owns the directory (.lock.pid: its pid)
 
-One training owns a run directory at a time: `RunDir.open` takes an OS file lock (`flock`, which the OS drops
-when the process ends, however it ends) and refuses a directory that another training holds, a directory that
-is not a run, a new run over an old one, and a resume with nothing to resume, before it writes anything.
+One training owns a run directory at a time: `RunDir.open` takes its lock (`runlock.RunLock`) and refuses a
+directory that another training holds, a directory that is not a run, a new run over an old one, and a resume
+with nothing to resume, before it writes anything.
 Every file goes through an atomic write (temporary file, fsync, rename), so a kill or a full disk leaves each
 file whole: the old version or the new one. Only rank 0 locks and writes: a `RunDir` with `main=False`
 writes nothing.
@@ -26,52 +26,31 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
-
-from filelock import FileLock, Timeout
+from typing import Any
 
 from tinyswin.checkpoint import (
     atomic_save,
-    atomic_write,
     clone_tree,
     inference_checkpoint,
-    is_temp_name,
     load_checkpoint,
-    remove_stale_temps,
+    write_text_atomic,
 )
 from tinyswin.config import TrainConfig, to_dict, to_yaml
-from tinyswin.engine import LoopState
-from tinyswin.errors import RunDirError, disk_full_cause, disk_full_error, disk_full_reason
+from tinyswin.errors import disk_full_cause, disk_full_error, disk_full_reason
 from tinyswin.evaluate import EvalResult
 from tinyswin.plots import plot_run
-from tinyswin.trackers import STATE_FILE, Trackers
+from tinyswin.runlock import RunLock, check_usable, inspect_dir
+from tinyswin.runstate import LoopState
+from tinyswin.trackers import Trackers
 
 LogFn = Callable[[str], None]
 
-LOCK_NAME = ".lock"
-LOCK_PID_NAME = ".lock.pid"
-# what a run writes besides its lock: any of them in a directory means a run was there
-RUN_FILES = frozenset(
-    {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "plots", "tensorboard", STATE_FILE}
-)
 CHECKPOINT_MARGIN = 1.1  # free space wanted before a checkpoint write, in sizes of the previous checkpoint
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (temporary file, fsync, rename): readers see the old or the new file.
-
-    Raises:
-        DiskFullError: the disk ran out; `path` is as it was and no temporary file is left.
-    """
-    data = text.encode()
-    atomic_write(path, lambda f: f.write(data))
 
 
 def _tensorboard(run_dir: Path, enabled: bool, say: LogFn) -> Any:
@@ -87,8 +66,12 @@ def _tensorboard(run_dir: Path, enabled: bool, say: LogFn) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _files(n: int) -> str:
-    return f"{n} other file" if n == 1 else f"{n} other files"
+def _add_scalars(writer: Any, record: dict[str, Any]) -> None:
+    """An epoch's numbers as TensorBoard scalars at step `epoch`, flushed."""
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "epoch":
+            writer.add_scalar(key, value, record["epoch"])
+    writer.flush()
 
 
 def _size(n: float) -> str:
@@ -99,77 +82,73 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-@dataclass(frozen=True)
-class DirContents:
-    """What `--out` holds, as far as telling a run from anything else goes.
+class CheckpointFiles:
+    """last.pt and best.pt of a run: an epoch's checkpoints are written when due (best.pt first), else kept in
+    memory until the next write; a write is refused early when the disk clearly lacks the room.
 
-    Attributes:
-        exists: the directory exists.
-        run_files: the names a run writes that it holds (config.yaml, last.pt, ...).
-        others: the names that are neither a run's files, nor its lock, nor temporary files of atomic writes.
-        lock: it holds `.lock`: a training took it (and may have died before writing anything).
+    Args:
+        folder: the run directory.
+        guard: `guard(path)` turns running out of space while writing `path` into the run's one line.
     """
 
-    exists: bool
-    run_files: tuple[str, ...] = ()
-    others: tuple[str, ...] = ()
-    lock: bool = False
+    def __init__(self, folder: Path, guard: Callable[[Path], AbstractContextManager[None]]) -> None:
+        self.folder = folder
+        self.last = folder / "last.pt"
+        self.best = folder / "best.pt"
+        self.epoch: int | None = None  # the epoch of the last.pt on disk, if any
+        self._guard = guard
+        self._pending: dict[str, dict[str, Any]] = {}  # best.pt / last.pt of epochs not written yet
 
-    @property
-    def is_run(self) -> bool:
-        """A tinyswin run: it holds last.pt, or files a run writes and nothing else."""
-        return "last.pt" in self.run_files or (bool(self.run_files) and not self.others)
+    def advice(self) -> str:
+        """What to do after the disk ran out, given what last.pt holds."""
+        if self.epoch is None:
+            return "free some space, then start it again with --resume (no epoch was checkpointed yet)"
+        return f"free some space, then resume with --resume (last.pt of epoch {self.epoch} is intact)"
 
+    def load(self) -> dict[str, Any] | None:
+        """last.pt as it is on disk (its epoch noted), or None when there is none yet.
 
-def inspect_dir(path: Path) -> DirContents:
-    """Read (never write) what `path` holds.
+        Raises:
+            ValueError: last.pt is not a readable tinyswin checkpoint.
+        """
+        if not self.last.exists():
+            return None
+        ckpt = load_checkpoint(self.last)
+        self.epoch = ckpt.get("epoch")
+        return ckpt
 
-    Raises:
-        RunDirError: `path` exists and is not a directory, or cannot be read.
-    """
-    if not path.exists():
-        if path.is_symlink():
-            raise RunDirError(f"--out {path} is a broken symbolic link: choose another --out")
-        return DirContents(exists=False)
-    if not path.is_dir():
-        raise RunDirError(f"--out {path} is a file, not a directory: choose another --out")
-    try:
-        names = sorted(os.listdir(path))
-    except OSError as exc:
-        raise RunDirError(f"cannot read {path}: {exc.strerror}") from None
-    own = RUN_FILES | {LOCK_NAME, LOCK_PID_NAME}
-    return DirContents(
-        exists=True,
-        run_files=tuple(n for n in names if n in RUN_FILES),
-        others=tuple(n for n in names if n not in own and not is_temp_name(n)),
-        lock=LOCK_NAME in names,
-    )
+    def keep(self, ckpt: dict[str, Any], improved: bool) -> None:
+        """An epoch's checkpoint as the next last.pt, and (if `improved`) its inference part as best.pt."""
+        if improved:
+            self._pending["best"] = inference_checkpoint(ckpt)
+        self._pending["last"] = ckpt
 
+    def flush(self) -> None:
+        """Write the checkpoints kept since the last write: best.pt, then last.pt."""
+        pending, self._pending = self._pending, {}  # a failed write is not tried again by a later one
+        if "best" in pending:
+            self._save(pending["best"], self.best)
+        if "last" in pending:
+            self._save(pending["last"], self.last)
+            self.epoch = pending["last"].get("epoch")
 
-def check_usable(path: Path, contents: DirContents, resume: bool) -> None:
-    """Refuse a directory that a new run (or, with `resume`, a resumed one) cannot use.
-
-    Raises:
-        RunDirError: one line saying what is wrong and what to do.
-    """
-    if resume:
-        if not contents.exists:
-            raise RunDirError(f"nothing to resume in {path}: it does not exist")
-        if contents.is_run or (contents.lock and not contents.others):
+    def _check_space(self, path: Path) -> None:
+        """Refuse a checkpoint write early when the free space is clearly less than a checkpoint's size."""
+        sizes = [p.stat().st_size for p in (self.last, self.best) if p.exists()]
+        if not sizes:
             return
-        if contents.others:
-            raise RunDirError(
-                f"nothing to resume in {path}: it is not a tinyswin run directory "
-                f"(it holds {_files(len(contents.others))})"
+        needed = CHECKPOINT_MARGIN * max(sizes)
+        free = shutil.disk_usage(self.folder).free
+        if free < needed:
+            raise disk_full_error(
+                f"disk full while writing {path} (about {_size(needed)} needed, {_size(free)} free): "
+                f"{self.advice()}"
             )
-        raise RunDirError(f"nothing to resume in {path}: it is empty")
-    if contents.is_run:
-        raise RunDirError(f"{path} already holds a run: resume it with --resume or choose another --out")
-    if contents.others:
-        raise RunDirError(
-            f"{path} is not a tinyswin run directory (it holds {_files(len(contents.others))}); "
-            "choose another --out"
-        )
+
+    def _save(self, ckpt: dict[str, Any], path: Path) -> None:
+        self._check_space(path)
+        with self._guard(path):
+            atomic_save(ckpt, path)
 
 
 class RunDir:
@@ -191,24 +170,15 @@ class RunDir:
         say: LogFn,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        self.path = Path(path)
-        self.main = main
-        self.say = say
-        self.last = self.path / "last.pt"
-        self.best = self.path / "best.pt"
+        self.path, self.main, self.say, self.on_epoch = Path(path), main, say, on_epoch
+        self.checkpoints = CheckpointFiles(self.path, self._guard)
+        self.last, self.best = self.checkpoints.last, self.checkpoints.best
         self.metrics = self.path / "metrics.jsonl"
-        self.lock_file = self.path / LOCK_NAME
-        self.pid_file = self.path / LOCK_PID_NAME
         self.writer: Any = None
         self.trackers: Trackers | None = None  # W&B / MLflow, when the config turns them on
-        self.on_epoch = on_epoch
-        self._lock: FileLock | None = None
-        self._created: list[Path] = []  # made by `open` (the folder, .lock): removed if `open` fails
+        self._lock = RunLock(self.path, self._guard)  # taken by `open` (rank 0), released by `close`
         self._metric_lines: list[str] = []
-        self._last_epoch: int | None = None  # the epoch of the last.pt on disk, if any
-        self._pending: dict[str, dict[str, Any]] = {}  # best.pt / last.pt of epochs not written yet
-        self._plotted_at = 0.0  # when the plots were last drawn ...
-        self._plot_seconds = 0.0  # ... and how long that took
+        self._plotted_at, self._plot_seconds = 0.0, 0.0  # when the plots were last drawn, how long it took
 
     def __enter__(self) -> RunDir:
         return self
@@ -221,7 +191,7 @@ class RunDir:
     @property
     def locked(self) -> bool:
         """This process holds the directory's lock."""
-        return self._lock is not None
+        return self._lock.locked
 
     def open(self, resume: bool) -> dict[str, Any] | None:
         """Check the directory, take its lock (rank 0), and return the checkpoint to resume from.
@@ -246,96 +216,15 @@ class RunDir:
         """
         check_usable(self.path, inspect_dir(self.path), resume)
         if self.main:
-            self._acquire(resume)
+            self._lock.acquire(resume)
         try:
-            return self._load(resume)
+            ckpt = self.checkpoints.load() if resume else None
         except BaseException:
-            self._release(undo=True)
+            self._lock.release(undo=True)
             raise
-
-    def _acquire(self, resume: bool) -> None:
-        """Create the folder if needed, take the lock without waiting, check the directory again under it."""
-        if self._lock is not None:
-            raise RuntimeError(f"{self.path}: RunDir.open was called twice")
-        if not self.path.exists():
-            try:
-                self.path.mkdir(parents=True)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                self._refuse_os_error("create", exc)
-            else:
-                self._created.append(self.path)
-        if not self.lock_file.exists():
-            self._created.append(self.lock_file)
-        lock = FileLock(str(self.lock_file), timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            self._release(undo=True)
-            raise RunDirError(
-                f"{self.path} is in use by another training ({self._holder()}): wait for it to end or "
-                "choose another --out"
-            ) from None
-        except OSError as exc:
-            self._release(undo=True)
-            self._refuse_os_error("lock", exc)
-        self._lock = lock
-        try:
-            check_usable(self.path, inspect_dir(self.path), resume)  # another training may have come and gone
-            with self._guard(self.pid_file):
-                write_text_atomic(self.pid_file, f"{os.getpid()} {socket.gethostname()}\n")
-            self._created.append(self.pid_file)
-            remove_stale_temps(self.path)
-            for temp in (self.path / "plots").glob(".*.tmp"):  # tinyswin.plots' own temporary files
-                temp.unlink(missing_ok=True)
-        except BaseException:
-            self._release(undo=True)
-            raise
-
-    def _refuse_os_error(self, action: str, exc: OSError) -> NoReturn:
-        cause = disk_full_cause(exc)
-        if cause is not None:
-            raise disk_full_error(
-                f"disk full: cannot {action} {self.path} ({disk_full_reason(cause)}): free some space",
-                cause,
-            ) from exc
-        raise RunDirError(f"cannot {action} {self.path}: {exc.strerror or exc}") from None
-
-    def _holder(self) -> str:
-        """Who holds the lock, from .lock.pid: 'pid N' (on another host: 'pid N on HOST')."""
-        try:
-            pid, host = self.pid_file.read_text().split()
-        except (OSError, ValueError):
-            return "pid unknown"
-        return f"pid {pid}" if host == socket.gethostname() else f"pid {pid} on {host}"
-
-    def _load(self, resume: bool) -> dict[str, Any] | None:
-        if not resume:
-            return None
-        if not self.last.exists():
-            if self.main:
-                self.say(f"no checkpoint in {self.path} yet: starting from the beginning (nothing was lost)")
-            return None
-        ckpt = load_checkpoint(self.last)
-        self._last_epoch = ckpt.get("epoch")
+        if resume and ckpt is None and self.main:
+            self.say(f"no checkpoint in {self.path} yet: starting from the beginning (nothing was lost)")
         return ckpt
-
-    def _release(self, undo: bool) -> None:
-        """Drop the lock (and our .lock.pid); with `undo`, also what `open` made: a refusal leaves nothing."""
-        created, self._created = self._created, []
-        if self._lock is not None:
-            try:
-                if self.pid_file in created:
-                    self.pid_file.unlink(missing_ok=True)
-                if undo and self.lock_file in created:
-                    self.lock_file.unlink(missing_ok=True)
-            finally:
-                self._lock.release()
-                self._lock = None
-        if undo and self.path in created:
-            with suppress(OSError):
-                self.path.rmdir()
 
     def close(self) -> None:
         """Close the TensorBoard writer and release the directory's lock; calling it again does nothing."""
@@ -345,7 +234,7 @@ class RunDir:
         if self.trackers is not None:
             trackers, self.trackers = self.trackers, None
             trackers.close(finished=False)
-        self._release(undo=False)
+        self._lock.release(undo=False)
 
     @contextmanager
     def _guard(self, path: Path) -> Iterator[None]:
@@ -356,31 +245,10 @@ class RunDir:
             cause = disk_full_cause(exc)
             if cause is None:
                 raise
-            message = f"disk full while writing {path} ({disk_full_reason(cause)}): {self._advice()}"
-            raise disk_full_error(message, cause) from exc
-
-    def _advice(self) -> str:
-        if self._last_epoch is None:
-            return "free some space, then start it again with --resume (no epoch was checkpointed yet)"
-        return f"free some space, then resume with --resume (last.pt of epoch {self._last_epoch} is intact)"
-
-    def _check_space(self, path: Path) -> None:
-        """Refuse a checkpoint write early when the free space is clearly less than a checkpoint's size."""
-        sizes = [p.stat().st_size for p in (self.last, self.best) if p.exists()]
-        if not sizes:
-            return
-        needed = CHECKPOINT_MARGIN * max(sizes)
-        free = shutil.disk_usage(self.path).free
-        if free < needed:
-            raise disk_full_error(
-                f"disk full while writing {path} (about {_size(needed)} needed, {_size(free)} free): "
-                f"{self._advice()}"
+            message = (
+                f"disk full while writing {path} ({disk_full_reason(cause)}): {self.checkpoints.advice()}"
             )
-
-    def _save(self, ckpt: dict[str, Any], path: Path) -> None:
-        self._check_space(path)
-        with self._guard(path):
-            atomic_save(ckpt, path)
+            raise disk_full_error(message, cause) from exc
 
     def _write_metrics(self, lines: list[str]) -> None:
         with self._guard(self.metrics):
@@ -429,20 +297,14 @@ class RunDir:
         """
         if not self.main:
             return
-        ckpt = checkpoint() if due else clone_tree(checkpoint())
-        if improved:
-            self._pending["best"] = inference_checkpoint(ckpt)
-        self._pending["last"] = ckpt
+        self.checkpoints.keep(checkpoint() if due else clone_tree(checkpoint()), improved)
         if due:
             self.flush()
         self._write_metrics([*self._metric_lines, json.dumps(record) + "\n"])
         if plot and time.perf_counter() - self._plotted_at >= 10 * self._plot_seconds:
             self.plot()
         if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    self.writer.add_scalar(key, value, record["epoch"])
-            self.writer.flush()
+            _add_scalars(self.writer, record)
         if self.trackers is not None:
             self.trackers.log_epoch(record)
         if self.on_epoch is not None:
@@ -461,14 +323,8 @@ class RunDir:
     def flush(self) -> None:
         """Write the checkpoints kept in memory since the last write: best.pt, then last.pt (a run that stops
         early calls it so that no finished epoch is lost)."""
-        if not self.main:
-            return
-        pending, self._pending = self._pending, {}  # a failed write is not tried again by a later one
-        if "best" in pending:
-            self._save(pending["best"], self.best)
-        if "last" in pending:
-            self._save(pending["last"], self.last)
-            self._last_epoch = pending["last"].get("epoch")
+        if self.main:
+            self.checkpoints.flush()
 
     def finish(self, cfg: TrainConfig, summary: dict[str, Any], plot: bool) -> None:
         """Close TensorBoard, draw the plots (if any epoch ran), write config.yaml and summary.json, say
@@ -488,17 +344,23 @@ class RunDir:
             files = [*sorted((self.path / "plots").glob("*.png")), self.path / "config.yaml", path]
             trackers, self.trackers = self.trackers, None
             trackers.finish(summary, files)
-        best = summary["best_split"]
-        self.say(
-            f"done: {best} top-1 {100 * summary[f'{best}_top1']:.2f}% (best "
-            f"{100 * summary['best_top1']:.2f}% at epoch {summary['best_epoch']}), "
-            f"{summary['images_per_s']:.0f} img/s, {summary['train_seconds']:.0f} s"
-        )
-        self.say(f"run directory: {self.path}")
-        self.say(f"checkpoints:   {self.last}  {self.best}")
-        self.say(f"plots:         {self.path / 'plots'}")
-        self.say(f"summary:       {self.path / 'summary.json'}")
+        for line in done_lines(summary, self.path):
+            self.say(line)
         self.close()
+
+
+def done_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
+    """The lines said when a run is done: its numbers, and where its files are."""
+    best = summary["best_split"]
+    return [
+        f"done: {best} top-1 {100 * summary[f'{best}_top1']:.2f}% (best "
+        f"{100 * summary['best_top1']:.2f}% at epoch {summary['best_epoch']}), "
+        f"{summary['images_per_s']:.0f} img/s, {summary['train_seconds']:.0f} s",
+        f"run directory: {run_dir}",
+        f"checkpoints:   {run_dir / 'last.pt'}  {run_dir / 'best.pt'}",
+        f"plots:         {run_dir / 'plots'}",
+        f"summary:       {run_dir / 'summary.json'}",
+    ]
 
 
 def checkpoint_due(

@@ -50,15 +50,16 @@ from tinyswin.config import (
     plain_model_config,
     to_dict,
 )
-from tinyswin.data import Augment, BatchLoader, Cache, build_augment, load_cache
+from tinyswin.data import BatchLoader, Cache, build_augment, load_cache
 from tinyswin.data.sources import eval_splits, resolve_data
-from tinyswin.engine import EpochStats, LoopState, TrainingError, snapshot_training, train_one_epoch
+from tinyswin.engine import EpochStats, TrainingError, train_one_epoch
 from tinyswin.errors import Interrupted, RunDirError
 from tinyswin.evaluate import EvalResult, evaluate
 from tinyswin.model import SwinTransformer
 from tinyswin.optim import WarmupCosine, build_adamw
 from tinyswin.pretrained import describe_init, init_config, load_init, read_init
 from tinyswin.rundir import RunDir, checkpoint_due, format_epoch, summarize
+from tinyswin.runstate import LoopState, RunState
 from tinyswin.runtime import (
     DistContext,
     StopSignals,
@@ -73,6 +74,7 @@ __all__ = [
     "DistContext",
     "LoopState",
     "Run",
+    "RunState",
     "TrainingError",
     "build_augment_config",
     "build_model_config",
@@ -85,31 +87,22 @@ __all__ = [
 LogFn = Callable[[str], None]
 
 
-@dataclass
-class Run:
-    """What a training run holds between its epochs."""
+@dataclass(kw_only=True)
+class Run(RunState):
+    """What a training run holds between its epochs: the state the step loop works on (`RunState`: `cfg` as
+    given, which the checkpoint keeps and config.yaml shows expanded; `train_model`, the model DDP- and/or
+    compile-wrapped; loader, augment, optimizer, scheduler, scaler, ema, loop state, device, precision,
+    processes), and what evaluation, checkpoints and the time budget need besides."""
 
-    cfg: TrainConfig  # as given (the checkpoint keeps it; config.yaml shows it expanded)
     schedule: ScheduleConfig  # the schedule followed now (a time budget's plan changes it)
-    dist: DistContext
-    device: torch.device
-    amp_dtype: torch.dtype | None
     cache: Cache
     splits: list[str]  # evaluated every epoch; the first picks best.pt
-    loader: BatchLoader
     eval_loaders: dict[str, BatchLoader]
     iters_per_epoch: int
-    augment: Augment
     normalize: Callable[[torch.Tensor], torch.Tensor]  # the eval transform: uint8 batch -> model input
     model_config: dict[str, Any]  # plain SwinConfig, as checkpoints store it
-    model: SwinTransformer
-    train_model: nn.Module  # the model, DDP- and/or compile-wrapped
+    model: SwinTransformer  # the plain module inside train_model
     eval_model: nn.Module
-    ema: torch.optim.swa_utils.AveragedModel | None
-    optimizer: torch.optim.Optimizer
-    scheduler: WarmupCosine
-    scaler: torch.amp.GradScaler
-    state: LoopState
     clock_start: float  # perf_counter() at the start of the run, resumes included
     warmup_seconds: float | None = None  # this start's warm-up, until the next epoch's record holds it
     written_epoch: int = 0  # the epoch of the last last.pt written ...
@@ -172,20 +165,15 @@ class Run:
 
         `cfg.warmup_steps` optimizer steps on the next epoch's real batches, then the first evaluation batch
         of each split (evaluation pads its last batch to that shape, so that is every shape it meets). Every
-        state a step changes is put back afterwards (`engine.snapshot_training`), so the run computes what
-        it would have without the warm-up.
+        state a step changes is put back afterwards (`RunState.snapshot`), so the run computes what it would
+        have without the warm-up.
         """
         start = time.perf_counter()
-        restore = snapshot_training(
-            self.model, self.optimizer, self.scheduler, self.scaler, self.ema, self.state
-        )
+        restore = self.snapshot()
         try:
             train_one_epoch(
-                self.train_model, self.loader, self.augment, self.optimizer, self.scheduler, self.scaler,
-                self.state, cfg=self.cfg, epoch=self.state.epoch, mix=self.mix_on(), device=self.device,
-                amp_dtype=self.amp_dtype, ema=self.ema, dist=self.dist,
-                max_steps=min(self.cfg.warmup_steps, self.iters_per_epoch),
-            )  # fmt: skip
+                self, mix=self.mix_on(), max_steps=min(self.cfg.warmup_steps, self.iters_per_epoch)
+            )
             for loader in self.eval_loaders.values():  # evaluation pads its last batch: one shape a split
                 evaluate(self.eval_model, iter([next(iter(loader))]), self.normalize,
                          num_classes=self.cache.num_classes, amp_dtype=self.amp_dtype,
@@ -421,9 +409,7 @@ def run_epoch(
         budget.start_epoch()
     try:
         stats = train_one_epoch(
-            run.train_model, run.loader, run.augment, run.optimizer, run.scheduler, run.scaler, state,
-            cfg=run.cfg, epoch=epoch, mix=mix, device=run.device, amp_dtype=run.amp_dtype, ema=run.ema,
-            dist=run.dist, progress=bar, step_hook=budget.on_step if budget else None,
+            run, mix=mix, progress=bar, step_hook=budget.on_step if budget else None,
             should_stop=lambda: signals.received is not None or (budget is not None and budget.should_stop()),
         )  # fmt: skip
     finally:

@@ -269,13 +269,9 @@ def check_space(space: Space, base: TrainConfig) -> None:
         ConfigError: '<file>: params.<key>: <the config's refusal>'.
     """
     for param in space.params:
+        where = f"{space.path}: params.{param.key}"  # the origin that the config's refusal names
         for value in param.edges():
-            try:
-                merge(base, {param.key: list(value) if isinstance(value, tuple) else value}, "value")
-            except ConfigError as exc:
-                raise _fail(
-                    space.path, f"params.{param.key}: {one_line(exc).removeprefix('value: ')}"
-                ) from None
+            merge(base, {param.key: list(value) if isinstance(value, tuple) else value}, where)
 
 
 def with_values(base: TrainConfig, values: Mapping[str, Any], origin: str) -> TrainConfig:

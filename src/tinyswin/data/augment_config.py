@@ -10,21 +10,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from tinyswin.errors import AugmentConfigError
+
 __all__ = ["AugmentConfig", "AugmentConfigError", "augment_preset", "augment_preset_names"]
 
 _CROPS = ("rrc", "pad", "none")
 _INTERPOLATIONS = ("bilinear", "bicubic")
 _RA_INTERPOLATIONS = ("nearest", "bilinear")
 _MIX_SELECT = ("sequential", "exclusive")
-
-
-class AugmentConfigError(ValueError):
-    """An AugmentConfig field refused: `field`, the `value` it had and the `reason` (the message is
-    "augment config: <field> <reason>"), so that a caller names the field without reading the message."""
-
-    def __init__(self, field: str, value: Any, reason: str) -> None:
-        super().__init__(f"augment config: {field} {reason}")
-        self.field, self.value, self.reason = field, value, reason
 
 
 @dataclass(frozen=True)
